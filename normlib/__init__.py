@@ -1,0 +1,27 @@
+"""normlib: stable, explicit-state normalization functions for JAX."""
+
+from normlib.batch_norm import BatchNormState
+from normlib.batch_norm import batch_norm
+from normlib.batch_norm import init_batch_norm
+from normlib.layer_norm import group_norm
+from normlib.layer_norm import instance_norm
+from normlib.layer_norm import layer_norm
+from normlib.layer_norm import rms_norm
+from normlib.lp_norm import l1_normalize
+from normlib.lp_norm import l2_normalize
+from normlib.lp_norm import lp_normalize
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'BatchNormState',
+    'batch_norm',
+    'group_norm',
+    'init_batch_norm',
+    'instance_norm',
+    'l1_normalize',
+    'l2_normalize',
+    'layer_norm',
+    'lp_normalize',
+    'rms_norm',
+]

@@ -1,0 +1,7 @@
+"""Eight virtual CPU devices for the multi-device tests; set before JAX starts."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
