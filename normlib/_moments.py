@@ -100,6 +100,7 @@ def merge_moments(count, mean, var, axis_name, groups=None):
     ``var = sum_i w_i (var_i + (mean_i - mean)**2)``. Means are taken relative
     to the first shard's so the differences stay exact for offset data.
     """
+    count = jnp.broadcast_to(count, mean.shape)
     parts = _gather(jnp.stack([count, mean, var]), axis_name, groups)
     counts, means, variances = parts[:, 0], parts[:, 1], parts[:, 2]
     total = jnp.sum(counts, axis=0)
