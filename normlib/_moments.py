@@ -81,15 +81,22 @@ def local_moments(x, axes, mask, center=True):
 
 
 def _gather(stats, axis_name, groups):
-    """Stacks every shard's ``stats`` along a new leading axis (one collective)."""
-    if len(axis_name) == 1:
-        return jax.lax.all_gather(stats, axis_name[0], axis_index_groups=groups)
-    # all_gather over several names fails when vmap and pmap axes mix; a psum
-    # of one-hot slots is the same single collective everywhere.
+    """Every shard's ``stats`` stacked along a new leading axis, in one psum.
+
+    Each shard writes its stats into its own slot of a zero buffer and the
+    buffers are summed. Unlike ``all_gather``, this works for any mix of
+    pmap, vmap and shard_map axes, and its result is known to be replicated,
+    so shard_map accepts the new running statistics as replicated outputs.
+    """
+    index = jax.lax.axis_index(axis_name)
     size = jax.lax.axis_size(axis_name)
-    slots = jnp.zeros((size,) + stats.shape, stats.dtype)
-    slots = slots.at[jax.lax.axis_index(axis_name)].set(stats)
-    return jax.lax.psum(slots, axis_name)
+    if groups is not None:
+        position = np.zeros(size, np.int32)
+        for group in groups:
+            position[list(group)] = np.arange(len(group))
+        index, size = jnp.asarray(position)[index], len(groups[0])
+    slots = jnp.zeros((size,) + stats.shape, stats.dtype).at[index].set(stats)
+    return jax.lax.psum(slots, axis_name, axis_index_groups=groups)
 
 
 def merge_moments(count, mean, var, axis_name, groups=None):
@@ -192,7 +199,30 @@ def _backward(spec, residuals, cotangents):
     if mask is not None:
         correction = jnp.where(mask, correction, 0)
     dx = (inv * (g - correction)).astype(x.dtype)
-    return dx, dscale, dbias, None
+    return dx, *_replicated_like((dscale, dbias), (scale, bias)), None
+
+
+def _varying(x):
+    """The shard_map axes ``x`` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, 'manual_axis_type', None)
+    return set(manual.varying) if manual is not None else set(getattr(aval, 'vma', ()))
+
+
+def _replicated_like(cotangents, primals):
+    """Sums cotangents over the shard_map axes their primals are replicated on.
+
+    A replicated scale used by every shard gets the sum of the shards'
+    cotangents (what JAX's own transpose of the implicit broadcast does);
+    outside shard_map there is nothing to sum.
+    """
+    axes = set()
+    for ct, primal in zip(cotangents, primals):
+        if ct is not None:
+            axes |= _varying(ct) - _varying(primal)
+    if not axes:
+        return cotangents
+    return jax.lax.psum(cotangents, tuple(sorted(axes)))
 
 
 standardize.defvjp(_forward, _backward)
