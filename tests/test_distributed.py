@@ -1,0 +1,323 @@
+"""Cross-device batch statistics equal those of the global batch, in every mapping.
+
+Runs on the 8 virtual CPU devices set up in conftest.py. References are
+single-device normlib on the concatenated batch (the promise) and float64
+NumPy (so the single-device path is not its own judge).
+"""
+
+import functools
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import normlib
+
+N, C = 64, 6
+OFFSET = 500.0  # |mean| / std
+
+
+def _data(seed=0, n=N, c=C):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, c)) + OFFSET).astype(np.float32)
+    w = rng.standard_normal((n, c)).astype(np.float32)
+    scale = (rng.random(c) + 0.5).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    return x, w, scale, bias
+
+
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _bn(x, scale, bias, axis_name):
+    return normlib.batch_norm(x, normlib.init_batch_norm(C), scale, bias, training=True,
+                              momentum=0.9, axis_name=axis_name)
+
+
+# Each mode maps the global (N, C) batch over devices and returns the global y
+# and one device's new state; gradients are taken outside, of the global loss.
+def _pmap(x, scale, bias):
+    y, s = jax.pmap(functools.partial(_bn, axis_name='i'), axis_name='i',
+                    in_axes=(0, None, None))(x.reshape(8, -1, C), scale, bias)
+    return y.reshape(N, C), jax.tree.map(lambda a: a[0], s)
+
+
+def _shard_map_1d(x, scale, bias):
+    f = jax.shard_map(functools.partial(_bn, axis_name='d'), mesh=_mesh((8,), ('d',)),
+                      in_specs=(P('d'), P(), P()), out_specs=(P('d'), P()))
+    return f(x, scale, bias)
+
+
+def _shard_map_2d_data(x, scale, bias):
+    # Batch sharded over 'data', replicated over 'model'.
+    f = jax.shard_map(functools.partial(_bn, axis_name='data'),
+                      mesh=_mesh((4, 2), ('data', 'model')),
+                      in_specs=(P('data'), P(), P()), out_specs=(P('data'), P()))
+    return f(x, scale, bias)
+
+
+def _shard_map_2d_tuple(x, scale, bias):
+    # Batch sharded over both axes; statistics over both.
+    f = jax.shard_map(functools.partial(_bn, axis_name=('data', 'model')),
+                      mesh=_mesh((4, 2), ('data', 'model')),
+                      in_specs=(P(('data', 'model')), P(), P()), out_specs=(P(('data', 'model')), P()))
+    return f(x, scale, bias)
+
+
+def _vmap(x, scale, bias):
+    # Per-example code: each call sees one (C,) example.
+    y, s = jax.vmap(functools.partial(_bn, axis_name='b'), axis_name='b',
+                    in_axes=(0, None, None))(x, scale, bias)
+    return y, jax.tree.map(lambda a: a[0], s)
+
+
+def _vmap_in_pmap(x, scale, bias):
+    inner = jax.vmap(functools.partial(_bn, axis_name=('i', 'b')), axis_name='b',
+                     in_axes=(0, None, None))
+    y, s = jax.pmap(inner, axis_name='i', in_axes=(0, None, None))(x.reshape(8, -1, C), scale, bias)
+    return y.reshape(N, C), jax.tree.map(lambda a: a[0, 0], s)
+
+
+def _sharded_jit(x, scale, bias):
+    # No axis_name: the compiler inserts the collectives.
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(_mesh((8,), ('d',)), P('d')))
+    return _bn(x, scale, bias, None)
+
+
+MODES = {
+    'pmap': _pmap,
+    'shard_map_1d': _shard_map_1d,
+    'shard_map_2d_data': _shard_map_2d_data,
+    'shard_map_2d_tuple': _shard_map_2d_tuple,
+    'vmap': _vmap,
+    'vmap_in_pmap': _vmap_in_pmap,
+    'sharded_jit': _sharded_jit,
+}
+
+
+def _loss_and_state(mode, w):
+    def loss(x, scale, bias):
+        y, state = mode(x, scale, bias)
+        return jnp.sum(w * y), (y, state)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _close(actual, expected, rtol):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.max(np.abs(expected)) + 1e-30
+    np.testing.assert_array_less(np.max(np.abs(actual - expected)) / scale, rtol)
+
+
+@pytest.fixture(scope='module')
+def reference():
+    x, w, scale, bias = _data()
+    grads, (y, state) = _loss_and_state(lambda *a: _bn(*a, None), w)(x, scale, bias)
+    return (x, w, scale, bias), grads, y, state
+
+
+@pytest.mark.parametrize('mode', sorted(MODES))
+def test_mode_equals_single_device_on_global_batch(mode, reference):
+    (x, w, scale, bias), grads_ref, y_ref, state_ref = reference
+    grads, (y, state) = _loss_and_state(MODES[mode], w)(x, scale, bias)
+    _close(y, y_ref, 2e-5)
+    for a, b in zip(state, state_ref):
+        _close(a, b, 2e-5)
+    for a, b in zip(grads, grads_ref):
+        _close(a, b, 2e-4)
+
+
+def test_single_device_reference_matches_float64_numpy(reference):
+    (x, w, scale, bias), grads, y, state = reference
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(0), x64.var(0)
+    xhat = (x64 - mean) / np.sqrt(var + 1e-5)
+    _close(y, xhat * scale + bias, 2e-5)
+    _close(state.mean, 0.1 * mean, 1e-6)
+    _close(state.var, 0.9 + 0.1 * var, 1e-6)
+    # d/dx of sum(w * y) for batch norm, written out.
+    g = w * scale
+    dx = (g - g.mean(0) - xhat * (g * xhat).mean(0)) / np.sqrt(var + 1e-5)
+    _close(grads[0], dx, 2e-4)
+    _close(grads[1], (w * xhat).sum(0), 2e-4)
+
+
+def test_uneven_and_empty_shards_give_statistics_of_valid_elements():
+    x, _, _, _ = _data(1)
+    counts = np.array([8, 0, 3, 8, 1, 8, 5, 2])  # valid examples per device
+    mask = (np.arange(8)[None, :] < counts[:, None])[..., None]
+    y, state = jax.pmap(
+        lambda x, m: normlib.batch_norm(x, normlib.init_batch_norm(C), training=True, momentum=0.0,
+                                        mask=m, axis_name='i', unbiased_running_var=True),
+        axis_name='i')(x.reshape(8, 8, C), mask)
+    valid = x.reshape(8, 8, C)[mask[..., 0]].astype(np.float64)
+    _close(state.mean[3], valid.mean(0), 1e-6)
+    _close(state.var[3], valid.var(0, ddof=1), 2e-5)
+    yv = np.asarray(y)[mask[..., 0]]
+    _close(yv, (valid - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5), 2e-5)
+    # Every device holds bit-identical running statistics.
+    for leaf in state:
+        assert (np.asarray(leaf) == np.asarray(leaf)[0]).all()
+
+
+def test_all_devices_empty_leaves_state_unchanged():
+    x, _, _, _ = _data(2)
+    state0 = normlib.BatchNormState(jnp.full(C, 3.0), jnp.full(C, 2.0), jnp.array(5, jnp.int32))
+    y, state = jax.pmap(
+        lambda x: normlib.batch_norm(x, state0, training=True, mask=jnp.zeros(x.shape, bool),
+                                     axis_name='i'), axis_name='i')(x.reshape(8, 8, C))
+    assert np.isfinite(np.asarray(y)).all()
+    for new, old in zip(state, state0):
+        assert (np.asarray(new) == np.asarray(old)).all()
+
+
+def test_axis_index_groups_normalize_within_each_group():
+    x, _, _, _ = _data(3)
+    groups = [[0, 2, 4, 6], [1, 3, 5, 7]]
+    y, state = jax.pmap(
+        lambda x: normlib.batch_norm(x, normlib.init_batch_norm(C), training=True, momentum=0.0,
+                                     axis_name='i', axis_index_groups=groups),
+        axis_name='i')(x.reshape(8, 8, C))
+    for group in groups:
+        members = x.reshape(8, 8, C)[group].reshape(-1, C).astype(np.float64)
+        _close(state.mean[group[0]], members.mean(0), 1e-6)
+        _close(state.var[group[-1]], members.var(0), 2e-5)
+        expected = (members - members.mean(0)) / np.sqrt(members.var(0) + 1e-5)
+        _close(np.asarray(y)[group].reshape(-1, C), expected, 2e-5)
+
+
+def _collectives(compiled_text):
+    ops = ('all-reduce(', 'all-gather(', 'reduce-scatter(', 'collective-permute(', 'all-to-all(')
+    return sum(compiled_text.count(op) for op in ops)
+
+
+@pytest.mark.parametrize('mapping', ['pmap', 'shard_map'])
+def test_one_collective_forward_and_one_backward(mapping):
+    x, w, scale, bias = _data()
+    bn = functools.partial(_bn, axis_name='i')
+
+    def forward(x, scale, bias):
+        return bn(x, scale, bias)
+
+    def forward_backward(x, scale, bias, ct):
+        (y, _), vjp = jax.vjp(lambda x: bn(x, scale, bias), x)
+        return vjp((ct, jax.tree.map(jnp.zeros_like, normlib.init_batch_norm(C))))[0]
+
+    if mapping == 'pmap':
+        fwd = jax.pmap(forward, axis_name='i', in_axes=(0, None, None))
+        both = jax.pmap(forward_backward, axis_name='i', in_axes=(0, None, None, 0))
+    else:
+        mesh = _mesh((8,), ('i',))
+        fwd = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P('i'), P(), P()),
+                                    out_specs=(P('i'), P())))
+        both = jax.jit(jax.shard_map(forward_backward, mesh=mesh,
+                                     in_specs=(P('i'), P(), P(), P('i')), out_specs=P('i')))
+    xs = x.reshape(8, -1, C) if mapping == 'pmap' else x
+    ws = w.reshape(8, -1, C) if mapping == 'pmap' else w
+    assert _collectives(fwd.lower(xs, scale, bias).compile().as_text()) == 1
+    assert _collectives(both.lower(xs, scale, bias, ws).compile().as_text()) == 2
+
+
+def test_layer_and_rms_norm_over_sharded_features():
+    # Tensor parallelism: features split over 'model', examples over 'data'.
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((8, 16)) * 3 + 50).astype(np.float32)
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    scale = (rng.random(16) + 0.5).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    mesh = _mesh((4, 2), ('data', 'model'))
+
+    def sharded(fn):
+        return jax.shard_map(fn, mesh=mesh, in_specs=(P('data', 'model'), P('model'), P('model')),
+                             out_specs=P('data', 'model'))
+
+    cases = {
+        'layer_norm': lambda x, s, b, **kw: normlib.layer_norm(x, s, b, **kw),
+        'rms_norm': lambda x, s, b, **kw: normlib.rms_norm(x, s, **kw) + b,
+    }
+    for name, fn in cases.items():
+        def loss(x, s, b, fn=fn, axis_name=None):
+            if axis_name is None:
+                y = fn(x, s, b)
+            else:
+                y = sharded(functools.partial(fn, axis_name='model'))(x, s, b)
+            return jnp.sum(w * y), y
+
+        grads, y = jax.jit(jax.grad(functools.partial(loss, axis_name='model'), (0, 1, 2),
+                                    has_aux=True))(x, scale, bias)
+        grads_ref, y_ref = jax.grad(loss, (0, 1, 2), has_aux=True)(x, scale, bias)
+        _close(y, y_ref, 2e-5)
+        for a, b in zip(grads, grads_ref):
+            _close(a, b, 2e-4)
+    x64 = x.astype(np.float64)
+    expected = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-6)
+    _close(sharded(lambda x, s, b: normlib.layer_norm(x, s, b, axis_name='model'))(x, scale, bias),
+           expected * scale + bias, 2e-5)
+
+
+def test_unbound_axis_name_is_a_clear_error():
+    x = jnp.ones((4, C))
+    with pytest.raises(ValueError, match="axis_name='batch'.*not bound"):
+        normlib.batch_norm(x, normlib.init_batch_norm(C), training=True, axis_name='batch')
+    with pytest.raises(ValueError, match='not bound'):
+        jax.jit(lambda x: normlib.layer_norm(x, axis_name='model'))(x)
+
+
+def test_unequal_axis_index_groups_are_rejected():
+    x = jnp.ones((8, 4, C))
+    with pytest.raises(ValueError, match='axis_index_groups.*equal size'):
+        jax.pmap(lambda x: normlib.batch_norm(x, normlib.init_batch_norm(C), training=True,
+                                              axis_name='i',
+                                              axis_index_groups=[[0, 1, 2], [3, 4, 5, 6, 7]]),
+                 axis_name='i')(x)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    worker = pathlib.Path(__file__).with_name('_distributed_worker.py')
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['PYTHONPATH'] = os.pathsep.join([str(worker.parents[1]), env.get('PYTHONPATH', '')])
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(rank), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail('the two-process run did not finish within 150 s')
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+
+    sys.path.insert(0, str(worker.parent))
+    try:
+        import _distributed_worker as spec
+    finally:
+        sys.path.pop(0)
+    x, scale, bias, w = spec.global_problem()
+    state, new_scale, new_bias = spec.train_step(x, scale, bias, w, axis_name=None)
+    for rank in range(2):
+        got = np.load(tmp_path / f'rank{rank}.npz')
+        _close(got['mean'], state.mean, 2e-5)
+        _close(got['var'], state.var, 2e-5)
+        _close(got['scale'], new_scale, 2e-5)
+        _close(got['bias'], new_bias, 2e-5)
+    # Single-process statistics themselves against float64 NumPy.
+    x64 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    _close(state.mean, 0.01 * x64.mean(0), 1e-5)
