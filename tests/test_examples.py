@@ -1,0 +1,186 @@
+"""The examples run end to end and the MNIST IDX reader reads what it should."""
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / 'examples'
+MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'
+sys.path.insert(0, str(EXAMPLES))
+
+import _data  # noqa: E402
+import bn_mnist  # noqa: E402
+import lr_robustness  # noqa: E402
+
+needs_mnist = pytest.mark.skipif(
+    not (MNIST_DIR / 't10k-images-idx3-ubyte.gz').exists(),
+    reason=f'MNIST IDX files not found in {MNIST_DIR}')
+
+
+def write_idx(path, array, type_code=0x08):
+    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + array.tobytes())
+
+
+def assert_png(path):
+    assert path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# The IDX reader.
+
+def test_read_idx_roundtrip(tmp_path):
+    images = np.arange(5 * 3 * 4, dtype=np.uint8).reshape(5, 3, 4)
+    labels = np.array([3, 1, 4, 1, 5], np.uint8)
+    write_idx(tmp_path / 'images.gz', images)
+    write_idx(tmp_path / 'labels.gz', labels)
+    assert (tmp_path / 'images.gz').read_bytes()[:2] == b'\x1f\x8b'
+    with gzip.open(tmp_path / 'images.gz') as f:
+        assert struct.unpack('>I', f.read(4))[0] == 2051
+    with gzip.open(tmp_path / 'labels.gz') as f:
+        assert struct.unpack('>I', f.read(4))[0] == 2049
+    np.testing.assert_array_equal(_data.read_idx(tmp_path / 'images.gz'), images)
+    np.testing.assert_array_equal(_data.read_idx(tmp_path / 'labels.gz'), labels)
+
+
+def test_read_idx_big_endian_types(tmp_path):
+    values = np.array([[1.5, -2.0], [1e6, 0.25]], '>f4')
+    write_idx(tmp_path / 'floats.gz', values, type_code=0x0D)
+    np.testing.assert_array_equal(_data.read_idx(tmp_path / 'floats.gz'), values.astype(np.float32))
+
+
+@pytest.mark.parametrize('raw, message', [
+    (b'\x01\x00\x08\x01\x00\x00\x00\x01\x07', 'magic'),
+    (b'\x00\x00\x07\x01\x00\x00\x00\x01\x07', 'type code'),
+    (b'\x00\x00\x08\x01\x00\x00\x00\x02\x07', 'bytes'),
+])
+def test_read_idx_rejects_bad_files(tmp_path, raw, message):
+    with gzip.open(tmp_path / 'bad.gz', 'wb') as f:
+        f.write(raw)
+    with pytest.raises(ValueError, match=message):
+        _data.read_idx(tmp_path / 'bad.gz')
+
+
+def test_load_mnist_splits_the_test_set(tmp_path):
+    n = 10_000
+    images = (np.arange(n * 4) % 251).astype(np.uint8).reshape(n, 2, 2)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', images)
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', labels)
+    data = _data.load_mnist(tmp_path)
+    assert data.image_shape == (2, 2)
+    assert data.x_train.shape == (8000, 4) and data.x_test.shape == (2000, 4)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int32
+    np.testing.assert_allclose(data.x_train, images[:8000].reshape(8000, 4) / 255, rtol=1e-6)
+    np.testing.assert_allclose(data.x_test, images[8000:].reshape(2000, 4) / 255, rtol=1e-6)
+    np.testing.assert_array_equal(data.y_train, labels[:8000])
+    np.testing.assert_array_equal(data.y_test, labels[8000:])
+
+
+def test_load_mnist_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match='t10k-images'):
+        _data.load_mnist(tmp_path)
+
+
+@needs_mnist
+def test_shared_mnist():
+    images = _data.read_idx(MNIST_DIR / 't10k-images-idx3-ubyte.gz')
+    labels = _data.read_idx(MNIST_DIR / 't10k-labels-idx1-ubyte.gz')
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (10_000,) and set(labels.tolist()) == set(range(10))
+    data = _data.load_mnist(MNIST_DIR)
+    assert data.x_train.shape == (8000, 784) and data.x_test.shape == (2000, 784)
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    np.testing.assert_array_equal(data.y_test, labels[8000:])
+
+
+def test_load_digits():
+    data = _data.load_digits()
+    assert data.x_train.shape == (1397, 64) and data.x_test.shape == (400, 64)
+    assert 0.0 <= data.x_train.min() and data.x_train.max() == 1.0
+    assert set(data.y_test.tolist()) == set(range(10))
+
+
+# The examples.
+
+def check_curves(result, steps, eval_every):
+    expected_steps = list(range(0, steps + 1, eval_every))
+    assert result['step'] == expected_steps
+    assert len(result['accuracy']) == len(result['sigmoid_input_percentiles']) == len(expected_steps)
+    assert 0.0 <= result['test_accuracy'] <= 1.0
+    assert result['test_accuracy'] == result['accuracy'][-1]
+    for p15, p50, p85 in result['sigmoid_input_percentiles']:
+        assert p15 <= p50 <= p85
+
+
+def test_bn_mnist_smoke(tmp_path):
+    metrics = bn_mnist.main(['--smoke', '--out', str(tmp_path)])
+    assert_png(tmp_path / 'bn_mnist.png')
+    saved = json.loads((tmp_path / 'metrics.json').read_text())
+    for name in ('bn', 'plain'):
+        check_curves(saved[name], steps=20, eval_every=10)
+        assert saved[name] == json.loads(json.dumps(metrics[name]))
+
+
+def test_bn_mnist_is_deterministic():
+    data = _data.load_digits()
+    run = lambda seed: bn_mnist.train(data, batch_norm=True, lr=0.5, steps=20, eval_every=10,
+                                      seed=seed, progress=False)
+    first, again, other = run(0), run(0), run(1)
+    assert again == first
+    assert other['sigmoid_input_percentiles'] != first['sigmoid_input_percentiles']
+
+
+def test_bn_mnist_bn_learns_faster(tmp_path):
+    # Paper, Figure 1(a): after a few hundred steps the BN net is far ahead.
+    metrics = bn_mnist.main(['--steps', '300', '--eval-every', '10', '--out', str(tmp_path)])
+    assert metrics['bn']['test_accuracy'] > 0.8
+    assert metrics['bn']['test_accuracy'] > metrics['plain']['test_accuracy'] + 0.2
+    # In evaluation mode the BN net's sigmoid inputs stay centred; the plain
+    # net's drift (Figure 1(b, c)).
+    p15, p50, p85 = metrics['bn']['sigmoid_input_percentiles'][-1]
+    assert p15 < 0 < p85
+
+
+def test_bn_mnist_needs_data_dir_for_mnist(tmp_path):
+    with pytest.raises(SystemExit):
+        bn_mnist.main(['--data', 'mnist', '--out', str(tmp_path)])
+
+
+def test_lr_robustness_smoke(tmp_path):
+    metrics = lr_robustness.main(['--smoke', '--out', str(tmp_path)])
+    assert_png(tmp_path / 'lr_robustness.png')
+    saved = json.loads((tmp_path / 'metrics.json').read_text())
+    base = bn_mnist.DEFAULT_LR
+    assert list(saved['runs']) == ['x1', 'x5', 'x30']
+    for key, multiplier in (('x1', 1), ('x5', 5), ('x30', 30)):
+        assert saved['runs'][key]['lr'] == pytest.approx(base * multiplier)
+        for name in ('bn', 'plain'):
+            check_curves(saved['runs'][key][name], steps=20, eval_every=10)
+    assert saved['runs'] == json.loads(json.dumps(metrics['runs']))
+
+
+def test_lr_robustness_table():
+    result = {'step': [0, 10, 20], 'accuracy': [0.1, 0.95, 0.97], 'test_accuracy': 0.97,
+              'train_loss': [None, 0.5, float('nan')]}
+    assert lr_robustness.steps_to(result, 0.9) == 10
+    assert lr_robustness.steps_to(result, 0.99) is None
+    text = lr_robustness.table({'x1': {'lr': 0.5, 'plain': result, 'bn': result}})
+    assert 'never' not in text and 'nan' in text and '0.970' in text
+
+
+def test_examples_run_as_scripts():
+    # The examples import their neighbours (_data, bn_mnist) by plain name,
+    # which works when Python runs them as scripts from any folder.
+    out = subprocess.run([sys.executable, str(EXAMPLES / 'lr_robustness.py'), '--help'],
+                         capture_output=True, text=True, timeout=120, cwd=REPO.parent)
+    assert out.returncode == 0, out.stderr
+    assert '--base-lr' in out.stdout and '--data-dir' in out.stdout
