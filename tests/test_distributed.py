@@ -321,3 +321,13 @@ def test_two_processes_match_one(tmp_path):
     # Single-process statistics themselves against float64 NumPy.
     x64 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     _close(state.mean, 0.01 * x64.mean(0), 1e-5)
+
+
+def test_data_parallel_example_smoke():
+    example = pathlib.Path(__file__).resolve().parents[1] / 'examples' / 'data_parallel.py'
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    result = subprocess.run([sys.executable, str(example), '--smoke'], env=env, text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "devices' running statistics: 0\n" in result.stdout
+    assert 'largest difference from the single-device run' in result.stdout
