@@ -2,7 +2,10 @@
 
 from normlib.batch_norm import BatchNormState
 from normlib.batch_norm import batch_norm
+from normlib.batch_norm import batch_renorm
+from normlib.batch_norm import fold_batch_norm
 from normlib.batch_norm import init_batch_norm
+from normlib.batch_norm import renorm_schedule
 from normlib.layer_norm import group_norm
 from normlib.layer_norm import instance_norm
 from normlib.layer_norm import layer_norm
@@ -16,6 +19,8 @@ __version__ = '0.1.0'
 __all__ = [
     'BatchNormState',
     'batch_norm',
+    'batch_renorm',
+    'fold_batch_norm',
     'group_norm',
     'init_batch_norm',
     'instance_norm',
@@ -23,5 +28,6 @@ __all__ = [
     'l2_normalize',
     'layer_norm',
     'lp_normalize',
+    'renorm_schedule',
     'rms_norm',
 ]

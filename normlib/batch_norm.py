@@ -60,16 +60,21 @@ def _params(name, value, features, broadcast):
     return value.reshape(broadcast)
 
 
-def _update(state, count, mean, var, momentum, unbiased):
+def _update(state, count, mean, var, momentum, unbiased, zero_debias=False):
     """Folds one batch's moments (feature shape) into the running state."""
     seen = count > 0
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
+    steps = state.count.astype(state.mean.dtype)
 
     def ema(old, new):
         new = new.astype(old.dtype)
         if momentum is None:
-            new = old + (new - old) / (state.count.astype(old.dtype) + 1)
+            new = old + (new - old) / (steps + 1)
+        elif zero_debias:
+            # The EMA started at zero, divided by 1 - momentum**t: the weight
+            # of the new batch is (1 - m) / (1 - m**(t + 1)), 1 at the start.
+            new = old + (new - old) * ((1.0 - momentum) / (1.0 - momentum ** (steps + 1)))
         else:
             new = momentum * old + (1.0 - momentum) * new
         return jnp.where(seen, new, old)
@@ -78,10 +83,89 @@ def _update(state, count, mean, var, momentum, unbiased):
     return BatchNormState(ema(state.mean, mean), ema(state.var, var), new_count)
 
 
+class _Call(NamedTuple):
+    """A checked batch-norm call: everything reshaped to broadcast against x."""
+    x: jax.Array
+    scale: jax.Array | None
+    bias: jax.Array | None
+    mask: jax.Array | None
+    feature_axes: tuple[int, ...]
+    features: tuple[int, ...]
+    broadcast: tuple[int, ...]
+    epsilon: float
+    momentum: float | None
+    axis_name: tuple | None
+    axis_index_groups: tuple | None
+
+
+def _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
+                axis_index_groups, mask) -> _Call:
+    x = _checks.floating('x', x)
+    feature_axes = _checks.axes('axis', axis, x.ndim)
+    features = _checks.features_of(x.shape, feature_axes)
+    broadcast = tuple(d if i in feature_axes else 1 for i, d in enumerate(x.shape))
+    _check_state(state, features)
+    if not isinstance(training, bool):
+        raise TypeError(f'training must be a Python bool, got {training!r}.')
+    return _Call(
+        x, _params('scale', scale, features, broadcast), _params('bias', bias, features, broadcast),
+        None if mask is None else _checks.mask(mask, x.shape), feature_axes, features, broadcast,
+        _checks.positive('epsilon', epsilon), _checks.momentum(momentum),
+        *_checks.axis_name(axis_name, axis_index_groups))
+
+
+def _evaluate(call, state):
+    mean, var = (jax.lax.stop_gradient(s).reshape(call.broadcast) for s in (state.mean, state.var))
+    return _moments.normalize(call.x, mean, var, call.scale, call.bias, epsilon=call.epsilon)
+
+
+def _standardize(call, scale, bias):
+    """Training-mode normalization; returns y and the batch's (count, mean, var)."""
+    reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
+    spec = _moments.Spec(reduced, call.epsilon, True, call.axis_name, call.axis_index_groups)
+    y, *moments = _moments.standardize(spec, call.x, scale, bias, call.mask)
+    return y, tuple(jnp.broadcast_to(jax.lax.stop_gradient(m), call.broadcast).reshape(call.features)
+                    for m in moments)
+
+
+def _ghost(call, size, unbiased):
+    """Normalizes each chunk of ``size`` examples along axis 0 by itself.
+
+    Returns y and the chunks' average (count, mean, var) over this call's
+    devices, chunks without valid entries left out; ``unbiased`` applies
+    ``n / (n - 1)`` to each chunk's variance.
+    """
+    x, n = call.x, call.x.shape[0]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or n % size:
+        raise ValueError(
+            f'virtual_batch_size={size!r} must be a positive int dividing the batch axis (axis 0,'
+            f' size {n}).')
+    if 0 in call.feature_axes:
+        raise ValueError('virtual_batch_size needs axis 0 (the batch axis) to be reduced, but'
+                         f' axis={call.feature_axes} keeps it.')
+    chunked = lambda a: None if a is None else a.reshape((n // size, size) + a.shape[1:])
+    lift = lambda a: None if a is None else a[None]
+    reduced = tuple(i + 1 for i in range(x.ndim) if i not in call.feature_axes and i != 0) + (1,)
+    spec = _moments.Spec(tuple(sorted(reduced)), call.epsilon, True)
+    y, count, mean, var = _moments.standardize(spec, chunked(x), lift(call.scale),
+                                               lift(call.bias), chunked(call.mask))
+    count, mean, var = (jax.lax.stop_gradient(jnp.broadcast_to(m, mean.shape[:1] + call.broadcast))
+                        .reshape((-1,) + call.features) for m in (count, mean, var))
+    if unbiased:
+        var = var * count / jnp.maximum(count - 1, 1)
+    used = (count > 0).astype(mean.dtype)
+    totals = jnp.stack([jnp.sum(used * m, axis=0) for m in (used, mean, var)])
+    if call.axis_name is not None:
+        totals = jax.lax.psum(totals, call.axis_name, axis_index_groups=call.axis_index_groups)
+    chunks = jnp.maximum(totals[0], 1)
+    return y.reshape(x.shape), (totals[0], totals[1] / chunks, totals[2] / chunks)
+
+
 def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: bool,
                axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
                axis_name=None, axis_index_groups=None, mask=None,
-               unbiased_running_var: bool = False):
+               unbiased_running_var: bool = False, virtual_batch_size: int | None = None,
+               zero_debias: bool = False):
     r"""Batch normalization (Ioffe & Szegedy, 2015) with explicit state.
 
     In training mode, with the moments taken over every axis of ``x`` except
@@ -123,6 +207,15 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
       mask: boolean, broadcastable to ``x``; False entries are left out of the
         moments (their outputs are still normalized).
       unbiased_running_var: keep the running variance unbiased.
+      virtual_batch_size: ghost batch norm (Hoffer et al., 2017; Keras's
+        ``virtual_batch_size``): each chunk of this many examples along axis 0
+        is normalized with its own moments, on its own device; the running
+        statistics take the average of the chunks' moments (over all devices
+        of ``axis_name``).
+      zero_debias: treat the running statistics as a zero-initialized
+        exponential moving average divided by ``1 - momentum**count`` (Adam's
+        bias correction): the first batch replaces the mean-0/var-1 prior
+        instead of being averaged with it.
 
     Returns:
       ``(y, new_state)``; ``y`` has ``x``'s dtype and shape.
@@ -131,29 +224,107 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
       Ioffe & Szegedy, `Batch Normalization: Accelerating Deep Network
       Training by Reducing Internal Covariate Shift
       <https://arxiv.org/abs/1502.03167>`_, 2015.
+      Hoffer, Hubara & Soudry, `Train longer, generalize better
+      <https://arxiv.org/abs/1705.08741>`_, 2017.
     """
-    x = _checks.floating('x', x)
-    feature_axes = _checks.axes('axis', axis, x.ndim)
-    features = _checks.features_of(x.shape, feature_axes)
-    broadcast = tuple(d if i in feature_axes else 1 for i, d in enumerate(x.shape))
-    _check_state(state, features)
-    scale = _params('scale', scale, features, broadcast)
-    bias = _params('bias', bias, features, broadcast)
-    epsilon = _checks.positive('epsilon', epsilon)
-    momentum = _checks.momentum(momentum)
-    if not isinstance(training, bool):
-        raise TypeError(f'training must be a Python bool, got {training!r}.')
-    if mask is not None:
-        mask = _checks.mask(mask, x.shape)
-    names, groups = _checks.axis_name(axis_name, axis_index_groups)
-
+    call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
+                       axis_index_groups, mask)
     if not training:
-        mean, var = (jax.lax.stop_gradient(s).reshape(broadcast) for s in (state.mean, state.var))
-        return _moments.normalize(x, mean, var, scale, bias, epsilon=epsilon), state
+        return _evaluate(call, state), state
+    if virtual_batch_size is None:
+        y, (count, mean, var) = _standardize(call, call.scale, call.bias)
+    else:
+        y, (count, mean, var) = _ghost(call, virtual_batch_size, unbiased_running_var)
+        unbiased_running_var = False
+    return y, _update(jax.lax.stop_gradient(state), count, mean, var, call.momentum,
+                      unbiased_running_var, zero_debias)
 
-    reduced = tuple(i for i in range(x.ndim) if i not in feature_axes)
-    spec = _moments.Spec(reduced, epsilon, True, names, groups)
-    y, count, mean, var = _moments.standardize(spec, x, scale, bias, mask)
-    count, mean, var = (jnp.broadcast_to(jax.lax.stop_gradient(s), broadcast).reshape(features)
-                        for s in (count, mean, var))
-    return y, _update(jax.lax.stop_gradient(state), count, mean, var, momentum, unbiased_running_var)
+
+def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: bool, r_max,
+                 d_max, axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
+                 axis_name=None, mask=None):
+    r"""Batch renormalization (Ioffe, 2017).
+
+    In training mode, with batch moments :math:`\mu_B, \sigma_B^2` as in
+    :func:`batch_norm` and :math:`\sigma = \sqrt{var + \epsilon}`,
+    :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` from the running state:
+
+    .. math::
+      r = \mathrm{sg}\big(\mathrm{clip}(\sigma_B / \sigma, 1/r_{max}, r_{max})\big),\quad
+      d = \mathrm{sg}\big(\mathrm{clip}((\mu_B - mean) / \sigma, -d_{max}, d_{max})\big)
+
+    .. math::
+      y = \Big(\frac{x - \mu_B}{\sigma_B} \, r + d\Big) \cdot scale + bias
+
+    where sg stops the gradient. ``r_max = 1, d_max = 0`` is batch norm. The
+    running statistics are updated as in :func:`batch_norm` (an average of
+    the variance, where the paper averages the standard deviation).
+    Evaluation mode is batch norm's. ``r_max`` and ``d_max`` may be traced
+    scalars, to follow a schedule such as :func:`renorm_schedule`.
+
+    References:
+      Ioffe, `Batch Renormalization: Towards Reducing Minibatch Dependence in
+      Batch-Normalized Models <https://arxiv.org/abs/1702.03275>`_, 2017.
+    """
+    call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
+                       None, mask)
+    for name, value, low in (('r_max', r_max, 1.0), ('d_max', d_max, 0.0)):
+        if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
+            raise ValueError(f'{name} must be >= {low:g}, got {value!r}.')
+    if not training:
+        return _evaluate(call, state), state
+    xhat, (count, mean, var) = _standardize(call, None, None)
+    state = jax.lax.stop_gradient(state)
+    sigma = jnp.sqrt(state.var + call.epsilon)
+    r = jnp.clip(jnp.sqrt(var + call.epsilon) / sigma, 1.0 / r_max, r_max)
+    d = jnp.clip((mean - state.mean) / sigma, -d_max, d_max)
+    r, d = (jax.lax.stop_gradient(v).reshape(call.broadcast) for v in (r, d))
+    y = xhat.astype(r.dtype) * r + d
+    y = y if call.scale is None else y * call.scale
+    y = y if call.bias is None else y + call.bias
+    return y.astype(call.x.dtype), _update(state, count, mean, var, call.momentum, False)
+
+
+def renorm_schedule(step, *, warmup: int = 5000, r_max: float = 3.0, d_max: float = 5.0,
+                    r_steps: int = 40000, d_steps: int = 25000):
+    """Ioffe (2017)'s ``(r_max, d_max)`` at ``step``: plain batch norm for
+    ``warmup`` steps, then linear ramps reaching ``r_max`` at step ``r_steps``
+    and ``d_max`` at step ``d_steps``. ``step`` may be traced."""
+    def ramp(end, final, start_value):
+        t = jnp.clip((jnp.asarray(step, jnp.float32) - warmup) / max(end - warmup, 1), 0.0, 1.0)
+        return start_value + t * (final - start_value)
+    return ramp(r_steps, r_max, 1.0), ramp(d_steps, d_max, 0.0)
+
+
+def fold_batch_norm(kernel, bias, state: BatchNormState, scale=None, bn_bias=None, *,
+                    epsilon: float):
+    r"""Folds an evaluation-mode batch norm into the preceding Dense or Conv.
+
+    For a layer ``h = x @ kernel + bias`` (features last; any conv kernel
+    whose last axis is the output features) followed by
+    ``batch_norm(h, state, scale, bn_bias, training=False)``, returns
+    ``(kernel', bias')`` with
+
+    .. math::
+      f = scale / \sqrt{var + \epsilon},\quad kernel' = kernel \cdot f,\quad
+      bias' = (bias - mean) \cdot f + bn\_bias
+
+    so that the layer alone computes the same output, to float32 rounding.
+    ``bias`` (the layer's) and ``scale``/``bn_bias`` may be None. Outputs have
+    ``kernel``'s dtype.
+    """
+    kernel = _checks.floating('kernel', kernel)
+    features = kernel.shape[-1:]
+    _check_state(state, features)
+    epsilon = _checks.positive('epsilon', epsilon)
+    dtype = _moments.compute_dtype(kernel.dtype)
+    factor = jax.lax.rsqrt(state.var.astype(dtype) + epsilon)
+    if scale is not None:
+        factor = factor * _params('scale', scale, features, features)
+    offset = -state.mean.astype(dtype)
+    if bias is not None:
+        offset = offset + _params('bias', bias, features, features)
+    offset = offset * factor
+    if bn_bias is not None:
+        offset = offset + _params('bn_bias', bn_bias, features, features)
+    return (kernel.astype(dtype) * factor).astype(kernel.dtype), offset.astype(kernel.dtype)
