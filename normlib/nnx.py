@@ -317,7 +317,7 @@ class RMSNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.promote_dtype = promote_dtype
 
-    def __call__(self, x, *, mask=None):
+    def __call__(self, x, mask=None):
         x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
         reduced = _checks.axes('reduction_axes', self.reduction_axes, x.ndim)
         features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
