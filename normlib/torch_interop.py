@@ -1,0 +1,86 @@
+"""Moving batch norm layers between PyTorch and normlib.
+
+PyTorch's ``BatchNorm{1,2,3}d`` keeps ``weight``, ``bias``, ``running_mean``,
+``running_var`` (unbiased, ``n / (n - 1)``) and ``num_batches_tracked``, and
+updates ``running = (1 - momentum) * running + momentum * batch`` with
+``momentum=0.1`` the weight of the *new* batch. normlib's ``momentum`` is the
+weight of the *old* value (Flax/Keras), so
+
+* ``normlib momentum = 1 - torch momentum`` (0.9 for torch's default 0.1),
+* ``momentum=None`` means the same in both (the cumulative average),
+* ``unbiased_running_var=True`` keeps the running variance as torch does.
+
+Evaluation mode uses the running statistics as stored in both libraries, so
+a converted layer gives torch's evaluation outputs. Only NumPy is needed:
+``to_torch`` returns NumPy arrays, ready for
+``{k: torch.from_numpy(v) for k, v in ...}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from normlib.batch_norm import BatchNormState
+
+
+def momentum_from_torch(momentum: float | None) -> float | None:
+    """normlib's momentum for a torch BatchNorm ``momentum`` (``1 - momentum``)."""
+    return None if momentum is None else 1.0 - momentum
+
+
+def _numpy(value) -> np.ndarray:
+    # A copy: torch updates its buffers in place, and JAX may alias NumPy memory.
+    if hasattr(value, 'detach'):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.array(value, copy=True)
+
+
+def from_torch(state_dict: Mapping[str, Any], prefix: str = ''):
+    """``(state, scale, bias)`` from a torch BatchNorm ``state_dict``.
+
+    Args:
+      state_dict: a module's ``state_dict()`` (tensors or arrays); keys
+        ``prefix + 'running_mean'`` etc. ``weight``/``bias`` may be absent
+        (``affine=False``), giving None.
+      prefix: the layer's key prefix in a model's state dict, e.g.
+        ``'layer1.0.bn1.'``.
+
+    Returns:
+      A float32 :class:`BatchNormState` (``count`` from
+      ``num_batches_tracked``, 0 if absent) and the scale and bias.
+    """
+    def get(name):
+        key = prefix + name
+        return None if key not in state_dict else _numpy(state_dict[key])
+
+    mean, var = get('running_mean'), get('running_var')
+    if mean is None or var is None:
+        raise ValueError(
+            f'state_dict has no {prefix}running_mean/{prefix}running_var; got keys'
+            f' {sorted(state_dict)[:8]}...')
+    count = get('num_batches_tracked')
+    state = BatchNormState(jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32),
+                           jnp.asarray(0 if count is None else count, jnp.int32))
+    scale, bias = (None if v is None else jnp.asarray(v, jnp.float32)
+                   for v in (get('weight'), get('bias')))
+    return state, scale, bias
+
+
+def to_torch(state: BatchNormState, scale=None, bias=None, prefix: str = '') -> dict[str, np.ndarray]:
+    """A torch BatchNorm ``state_dict`` (NumPy values) from normlib's state.
+
+    The running variance is copied as is: keep it unbiased during training
+    (``unbiased_running_var=True``) for torch's convention.
+    """
+    out = {'running_mean': np.array(state.mean, np.float32),
+           'running_var': np.array(state.var, np.float32),
+           'num_batches_tracked': np.array(state.count, np.int64)}
+    if scale is not None:
+        out['weight'] = np.array(scale, np.float32)
+    if bias is not None:
+        out['bias'] = np.array(bias, np.float32)
+    return {prefix + k: v for k, v in out.items()}
