@@ -5,12 +5,15 @@ flattened to rows, int32 labels, and the image shape so that convolutional
 models can restore it.
 
 - `load_digits()` uses the 1797 8x8 digits bundled with scikit-learn (no
-    download), split once with a fixed permutation into 1397 training and 400
-    held-out examples.
+  download), split once with a fixed permutation into 1397 training and 400
+  held-out examples.
 - `load_mnist(data_dir)` reads the standard MNIST IDX `.gz` files. With the
-    training files present it uses the 60k/10k split; with only the 10k test
-    set (`t10k-*`) it trains on the first 8000 images and holds out the last
-    2000.
+  training files present it uses the 60k/10k split; with only the 10k test
+  set (`t10k-*`) it trains on the first 8000 images and holds out the last
+  2000.
+
+`add_args` and `check_args` give every example the same `--data` and
+`--data-dir` options; `batches` draws the mini-batches of a seeded run.
 """
 
 import gzip
@@ -110,6 +113,28 @@ def load_digits():
     train, test = order[:-DIGITS_HELD_OUT], order[-DIGITS_HELD_OUT:]
     return Dataset(x[train], y[train], x[test], y[test],
                                   image_shape=(8, 8), name='digits')
+
+
+def add_args(parser):
+    """Adds the examples' shared `--data` and `--data-dir` options."""
+    parser.add_argument('--data', choices=('digits', 'mnist'), default='digits',
+                        help='digits: scikit-learn 8x8 digits (default); '
+                             'mnist: the IDX .gz files in --data-dir')
+    parser.add_argument('--data-dir', type=Path,
+                        help='folder with the MNIST IDX .gz files')
+
+
+def check_args(parser, args):
+    if args.data == 'mnist' and args.data_dir is None:
+        parser.error('--data mnist needs --data-dir')
+
+
+def batches(seed, num_examples, steps, batch_size):
+    """Mini-batch indices, shape (steps, batch_size): shuffled epochs."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-steps * batch_size // num_examples)
+    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
+    return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
 def load(name, data_dir=None):

@@ -113,14 +113,6 @@ def evaluate(params, bn_states, x, y):
     return accuracy, jnp.percentile(z[:, TRACKED_UNIT], jnp.array(PERCENTILES))
 
 
-def batch_schedule(seed, num_examples, steps):
-    """Mini-batch indices (steps, BATCH_SIZE): shuffled epochs, one seed."""
-    rng = np.random.default_rng(seed)
-    epochs = -(-steps * BATCH_SIZE // num_examples)
-    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
-    return order[:steps * BATCH_SIZE].reshape(steps, BATCH_SIZE).astype(np.int32)
-
-
 def train(data, *, batch_norm, lr, steps, eval_every, seed, progress=True):
     """Trains one net; returns its curves and final held-out accuracy.
 
@@ -131,7 +123,7 @@ def train(data, *, batch_norm, lr, steps, eval_every, seed, progress=True):
     params = init_params(jax.random.key(seed), data.x_train.shape[1],
                          num_classes, batch_norm)
     bn_states = init_bn_states(batch_norm)
-    schedule = batch_schedule(seed, len(data.x_train), steps)
+    schedule = _data.batches(seed, len(data.x_train), steps, BATCH_SIZE)
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     lr = jnp.float32(lr)
@@ -218,18 +210,10 @@ def summary(results, num_rows=6):
     return '\n'.join(lines)
 
 
-def add_data_args(parser):
-    parser.add_argument('--data', choices=('digits', 'mnist'), default='digits',
-                        help='digits: scikit-learn 8x8 digits (default); '
-                             'mnist: IDX .gz files in --data-dir')
-    parser.add_argument('--data-dir', type=Path,
-                        help='folder with the MNIST IDX .gz files')
-    parser.add_argument('--seed', type=int, default=0)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    add_data_args(parser)
+    _data.add_args(parser)
+    parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--steps', type=int, default=3000)
     parser.add_argument('--lr', type=float, default=DEFAULT_LR)
     parser.add_argument('--eval-every', type=int, default=50)
@@ -237,8 +221,7 @@ def parse_args(argv):
     parser.add_argument('--smoke', action='store_true',
                         help='a few steps only, to check that everything runs')
     args = parser.parse_args(argv)
-    if args.data == 'mnist' and args.data_dir is None:
-        parser.error('--data mnist needs --data-dir')
+    _data.check_args(parser, args)
     if args.smoke:
         args.steps, args.eval_every = 20, 10
     if args.steps < 1 or args.eval_every < 1:

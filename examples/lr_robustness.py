@@ -79,7 +79,8 @@ def table(runs):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    bn_mnist.add_data_args(parser)
+    _data.add_args(parser)
+    parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--base-lr', type=float, default=bn_mnist.DEFAULT_LR)
     parser.add_argument('--steps', type=int, default=2000)
     parser.add_argument('--eval-every', type=int, default=50)
@@ -87,8 +88,7 @@ def parse_args(argv):
     parser.add_argument('--smoke', action='store_true',
                         help='a few steps only, to check that everything runs')
     args = parser.parse_args(argv)
-    if args.data == 'mnist' and args.data_dir is None:
-        parser.error('--data mnist needs --data-dir')
+    _data.check_args(parser, args)
     if args.smoke:
         args.steps, args.eval_every = 20, 10
     if args.steps < 1 or args.eval_every < 1:
