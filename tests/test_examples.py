@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import serialization
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / 'examples'
@@ -17,6 +18,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import _data  # noqa: E402
 import bn_mnist  # noqa: E402
+import flax_resnet  # noqa: E402
 import lr_robustness  # noqa: E402
 
 needs_mnist = pytest.mark.skipif(
@@ -175,6 +177,21 @@ def test_lr_robustness_table():
     assert lr_robustness.steps_to(result, 0.99) is None
     text = lr_robustness.table({'x1': {'lr': 0.5, 'plain': result, 'bn': result}})
     assert 'never' not in text and 'nan' in text and '0.970' in text
+
+
+def test_flax_resnet_smoke(tmp_path):
+    metrics = flax_resnet.main(['--smoke', '--out', str(tmp_path)])
+    saved = json.loads((tmp_path / 'metrics.json').read_text())
+    assert saved['step'] == [5, 10]
+    assert 0.0 <= saved['test_accuracy'] <= 1.0
+    assert saved['restored_test_accuracy'] == saved['test_accuracy'] == metrics['test_accuracy']
+    # The checkpoint holds Flax's BatchNorm variables under Flax's names.
+    checkpoint = serialization.msgpack_restore((tmp_path / 'checkpoint.msgpack').read_bytes())
+    assert set(checkpoint) == {'params', 'batch_stats', 'opt_state'}
+    stem_stats = checkpoint['batch_stats']['BatchNorm_0']
+    assert set(stem_stats) == {'mean', 'var'} and stem_stats['mean'].shape == (16,)
+    assert not np.allclose(stem_stats['var'], 1.0)  # updated by training
+    assert set(checkpoint['params']['BatchNorm_0']) == {'scale', 'bias'}
 
 
 def test_examples_run_as_scripts():
