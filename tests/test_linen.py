@@ -167,23 +167,36 @@ def test_training_needs_mutable_batch_stats():
                        variables, x)
 
 
-@pytest.mark.parametrize('name,fields,dtype,param_dtype,x_dtype,expected', [
-    ('BatchNorm', {}, None, jnp.float32, jnp.bfloat16, jnp.float32),
-    ('BatchNorm', {}, jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16),
-    ('BatchNorm', {}, None, jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
-    ('GroupNorm', {'num_groups': 2}, None, jnp.float32, jnp.bfloat16, jnp.float32),
-])
-def test_dtypes_follow_flax(name, fields, dtype, param_dtype, x_dtype, expected):
+DTYPES = [  # (dtype, param_dtype, input dtype)
+    (None, jnp.float32, jnp.bfloat16),
+    (jnp.bfloat16, jnp.float32, jnp.float32),
+    (None, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float16, jnp.bfloat16, jnp.float32),
+]
+
+
+@pytest.mark.parametrize('dtype,param_dtype,x_dtype', DTYPES)
+@pytest.mark.parametrize('name', MODULES)
+def test_dtypes_follow_flax(name, dtype, param_dtype, x_dtype):
     x = _x(dtype=x_dtype)
-    fields = dict(fields, dtype=dtype, param_dtype=param_dtype)
+    fields = {'dtype': dtype, 'param_dtype': param_dtype}
+    if name == 'GroupNorm':
+        fields['num_groups'] = 2
     flax_module, ours = _modules(name, fields)
-    chex.assert_trees_all_equal_shapes_and_dtypes(_init_shapes(ours, name, {}, x),
-                                                  _init_shapes(flax_module, name, {}, x))
-    got, want = _outputs(name, fields, {}, x)
-    if name == 'BatchNorm':
-        got, want = got[False][0], want[False][0]
-    assert got.dtype == want.dtype == expected
-    assert_close(got, want, tol=2e-2 if expected == jnp.bfloat16 else 2e-5)
+    variables = _init_shapes(flax_module, name, {}, x)
+    chex.assert_trees_all_equal_shapes_and_dtypes(_init_shapes(ours, name, {}, x), variables)
+    call = {'use_running_average': False, 'mutable': ['batch_stats']} if name == 'BatchNorm' else {}
+    out = [jax.eval_shape(lambda v, x: m.apply(v, x, **call), variables, x)
+           for m in (ours, flax_module)]
+    chex.assert_trees_all_equal_shapes_and_dtypes(*out)
+
+
+def test_bfloat16_values_follow_flax():
+    x = _x(dtype=jnp.bfloat16)
+    got, expected = _outputs('BatchNorm', {'dtype': jnp.bfloat16}, {}, x)
+    assert got[False][0].dtype == jnp.bfloat16
+    assert_close(got[False][0], expected[False][0], tol=2e-2)
+    chex.assert_trees_all_close(got[False][1], expected[False][1], rtol=1e-5, atol=1e-6)
 
 
 def test_batch_norm_is_stable_on_offset_data():

@@ -97,6 +97,27 @@ def test_flax_state_gives_flax_two_pass_results(name, fields, call):
                                 nnx.to_pure_dict(nnx.state(flax_module)), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize('dtype,param_dtype,x_dtype', [
+    (None, jnp.float32, jnp.bfloat16),
+    (jnp.bfloat16, jnp.float32, jnp.float32),
+    (None, jnp.bfloat16, jnp.bfloat16),
+])
+@pytest.mark.parametrize('name', MODULES)
+def test_dtypes_follow_flax(name, dtype, param_dtype, x_dtype):
+    fields = {'dtype': dtype, 'param_dtype': param_dtype}
+    if name == 'GroupNorm':
+        fields['num_groups'] = 2
+    modules = _pair(name, fields)
+    states = [nnx.to_pure_dict(nnx.state(m)) for m in modules]
+    chex.assert_trees_all_equal_shapes_and_dtypes(*states)
+
+    def output(module):
+        graphdef, state = nnx.split(module)
+        return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, _x(dtype=x_dtype))
+
+    assert output(modules[0]).dtype == output(modules[1]).dtype
+
+
 def test_running_statistics_are_float32_batch_stats():
     bn = nx.BatchNorm(3, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert bn.mean.dtype == bn.var.dtype == jnp.float32 and bn.scale.dtype == jnp.bfloat16
