@@ -116,7 +116,8 @@ def test_load_digits():
 def check_curves(result, steps, eval_every):
     expected_steps = list(range(0, steps + 1, eval_every))
     assert result['step'] == expected_steps
-    assert len(result['accuracy']) == len(result['sigmoid_input_percentiles']) == len(expected_steps)
+    assert len(result['accuracy']) == len(expected_steps)
+    assert len(result['sigmoid_input_percentiles']) == len(expected_steps)
     assert 0.0 <= result['test_accuracy'] <= 1.0
     assert result['test_accuracy'] == result['accuracy'][-1]
     for p15, p50, p85 in result['sigmoid_input_percentiles']:
