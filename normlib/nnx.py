@@ -10,11 +10,18 @@ statistics are always float32 and two-pass, as Flax's with
 
 Not copied from Flax: ``use_fast_variance`` (normlib is always stable);
 rounding the running statistics to ``dtype`` before normalizing (they stay
-float32); and three bugs of ``flax.nnx`` 0.12: a float ``mask`` raising,
+float32); and two bugs of ``flax.nnx`` 0.12: a float ``mask`` raising, and
 ``GroupNorm`` with non-default ``reduction_axes`` repeating the group
-statistics along the wrong axis, and training ``BatchNorm`` under
-``nnx.vmap`` (pass ``axis_name`` to both: the statistics then cover the
-whole vmapped batch and the running averages stay unbatched).
+statistics along the wrong axis.
+
+A training ``BatchNorm`` under ``nnx.vmap`` (flax #4760): pass the model to
+the vmapped function with ``in_axes=None`` and give the module and
+``nnx.vmap`` the same ``axis_name``; the statistics then cover the whole
+vmapped batch and the running averages stay unbatched, call after call. With
+vmapped state (an ensemble) each member keeps its own statistics. Without an
+``axis_name``, shared running averages cannot take per-slice updates, and
+``nnx.vmap(model)`` (the module as the function) cannot update its state at
+all; both fail in ``nnx.vmap`` itself, as with Flax's modules.
 """
 
 from __future__ import annotations
