@@ -192,7 +192,8 @@ class LayerNorm(nn.Module):
         features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
         scale, bias = _affine(self, _checks.features_of(x.shape, features))
         x, out_dtype = _promote(x, (scale, bias), self.dtype)
-        scale, bias = (_lay_out(p, x.shape, features, reduced, 'feature_axes') for p in (scale, bias))
+        scale, bias = (_lay_out(p, x.shape, features, reduced, 'feature_axes')
+                       for p in (scale, bias))
         return normlib.layer_norm(
             x, scale, bias, axis=reduced, epsilon=self.epsilon, mask=mask,
             **_given(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups),

@@ -45,7 +45,8 @@ def assert_close(actual, expected, tol=2e-5):
 
 
 def _fields(cls):
-    return [(f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
+    return [(f.name, f.default) for f in dataclasses.fields(cls)
+            if f.name not in ('parent', 'name')]
 
 
 @pytest.mark.parametrize('name', MODULES)
@@ -82,8 +83,9 @@ def _init_call(name, call):
     return dict(call, use_running_average=False) if name == 'BatchNorm' else call
 
 
-def _init_shapes(module, name, call, x):
-    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x, **_init_call(name, call)), x)
+def _shapes(module, *args, **kwargs):
+    """Traces ``module.init`` (errors included) without compiling it."""
+    return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)
 
 
 def _outputs(name, fields, call, x):
@@ -107,8 +109,8 @@ def _outputs(name, fields, call, x):
 def test_flax_checkpoint_gives_flax_two_pass_results(name, fields, call):
     x = _x()
     flax_module, ours = _modules(name, fields)
-    chex.assert_trees_all_equal_shapes_and_dtypes(_init_shapes(ours, name, call, x),
-                                                  _init_shapes(flax_module, name, call, x))
+    chex.assert_trees_all_equal_shapes_and_dtypes(_shapes(ours, x, **_init_call(name, call)),
+                                                  _shapes(flax_module, x, **_init_call(name, call)))
     got, expected = _outputs(name, fields, call, x)
     if name == 'BatchNorm':
         for running in (False, True):
@@ -117,11 +119,6 @@ def test_flax_checkpoint_gives_flax_two_pass_results(name, fields, call):
                                         rtol=2e-5, atol=2e-6)
     else:
         assert_close(got, expected)
-
-
-def _shapes(module, *args, **kwargs):
-    """Traces ``module.init`` (errors included) without compiling it."""
-    return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)
 
 
 def test_params_have_flax_shapes_when_features_span_several_axes():
@@ -183,8 +180,9 @@ def test_dtypes_follow_flax(name, dtype, param_dtype, x_dtype):
     if name == 'GroupNorm':
         fields['num_groups'] = 2
     flax_module, ours = _modules(name, fields)
-    variables = _init_shapes(flax_module, name, {}, x)
-    chex.assert_trees_all_equal_shapes_and_dtypes(_init_shapes(ours, name, {}, x), variables)
+    variables = _shapes(flax_module, x, **_init_call(name, {}))
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        _shapes(ours, x, **_init_call(name, {})), variables)
     call = {'use_running_average': False, 'mutable': ['batch_stats']} if name == 'BatchNorm' else {}
     out = [jax.eval_shape(lambda v, x: m.apply(v, x, **call), variables, x)
            for m in (ours, flax_module)]

@@ -61,7 +61,8 @@ def test_constructor_and_call_are_flax(name):
 CASES = [
     ('BatchNorm', {}, {}),
     ('BatchNorm', {'use_running_average': True, 'use_bias': False}, {}),
-    ('BatchNorm', {'momentum': 0.9, 'epsilon': 1e-3}, {'mask': np.arange(4)[:, None, None, None] < 3}),
+    ('BatchNorm', {'momentum': 0.9, 'epsilon': 1e-3},
+     {'mask': np.arange(4)[:, None, None, None] < 3}),
     ('LayerNorm', {}, {'mask': np.arange(6) < 4}),
     ('LayerNorm', {'reduction_axes': (1, 2, 3), 'feature_axes': -1}, {}),
     ('RMSNorm', {}, {}),
