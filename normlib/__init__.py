@@ -13,6 +13,7 @@ from normlib.layer_norm import rms_norm
 from normlib.lp_norm import l1_normalize
 from normlib.lp_norm import l2_normalize
 from normlib.lp_norm import lp_normalize
+from normlib._weight_decay import weight_decay_mask
 
 __version__ = '0.1.0'
 
@@ -30,4 +31,5 @@ __all__ = [
     'lp_normalize',
     'renorm_schedule',
     'rms_norm',
+    'weight_decay_mask',
 ]

@@ -49,84 +49,137 @@ def _sum(x, axes):
     return jnp.sum(x, axis=axes, keepdims=True)
 
 
-def local_moments(x, axes, mask, center=True):
-    """Count, mean and biased variance of one shard, kept dims.
+# A shift farther than sqrt(_FAR) standard deviations from the mean triggers
+# a re-centering pass; closer shifts leave rounding errors of relative size
+# about _FAR * eps**2 in the variance (eps = float32 machine epsilon).
+_FAR = 1e4
 
-    The mean is taken around a shift (the first element along ``axes``) so
-    that large offsets do not swamp the float32 sum; the variance pass uses
-    the corrected two-pass formula ``mean(e**2) - mean(e)**2`` with
-    ``e = x - mean``, whose correction term removes what error the mean
-    still has. Without ``center`` the mean is 0 and ``var`` is ``mean(x**2)``.
+
+def _shifted_moments(x, axes, mask, center):
+    """``(count, shift, delta, var)`` of one shard, kept dims; mean = shift + delta.
+
+    Two passes: ``delta = mean(x - shift)`` around a shift (the first valid
+    element along ``axes``, else 0), then ``var = mean((x - shift - delta)**2)``.
+    Keeping the mean split keeps ``x - shift - delta`` exact for offset data;
+    the variance's only error beyond rounding is the square of ``delta``'s
+    rounding error, negligible unless the shift lies far from the mean (an
+    outlier or a masked first element). In that case, and only then, one
+    more pass re-centers on ``shift + delta`` with the corrected formula
+    ``mean(d**2) - mean(d)**2``. Without ``center``, shift and delta are 0
+    and ``var`` is ``mean(x**2)``.
     """
     if mask is None:
-        count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]),
-                                          x.dtype)
+        count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), x.dtype)
     else:
         count = _sum(mask, axes).astype(x.dtype)
     safe = jnp.maximum(count, 1)
     keep = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0))
     if not center:
         var = _sum(keep(x * x), axes) / safe
-        return count, jnp.zeros_like(var), var
-    shift = jax.lax.stop_gradient(
-            x[tuple(slice(0, 1) if i in axes else slice(None)
-                            for i in range(x.ndim))])
-    mean = shift + _sum(keep(x - shift), axes) / safe
-    e = keep(x - mean)
-    var = _sum(e * e, axes) / safe - jnp.square(_sum(e, axes) / safe)
-    var = jnp.maximum(var, 0)
+        return count, jnp.zeros_like(var), jnp.zeros_like(var), var
+    first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+    shift = x[first] if mask is None else jnp.where(mask[first], x[first], 0)
+    shift = jax.lax.stop_gradient(shift)
+    delta = _sum(keep(x - shift), axes) / safe
+    var = _sum(keep(jnp.square((x - shift) - delta)), axes) / safe
+
+    def recenter(shift, delta, var):
+        shift = shift + delta
+        d = keep(x - shift)
+        delta = _sum(d, axes) / safe
+        return shift, delta, jnp.maximum(_sum(d * d, axes) / safe - jnp.square(delta), 0)
+
+    far = jnp.any(jnp.square(delta) > _FAR * var)
+    shift, delta, var = jax.lax.cond(far, recenter, lambda *s: s, shift, delta, var)
     if mask is not None:
-        mean = jnp.where(count > 0, mean, 0)
-    return count, mean, var
+        shift, delta = (jnp.where(count > 0, s, 0) for s in (shift, delta))
+    return count, shift, delta, var
+
+
+def local_moments(x, axes, mask, center=True):
+    """Count, mean and biased variance of one shard, kept dims.
+
+    Stable for any offset (see :func:`_shifted_moments`); masked entries are
+    left out, and a shard without valid entries has mean and variance 0.
+    Without ``center`` the mean is 0 and ``var`` is ``mean(x**2)``.
+    """
+    count, shift, delta, var = _shifted_moments(x, axes, mask, center)
+    return count, shift + delta, var
 
 
 def _gather(stats, axis_name, groups):
-    """Every shard's ``stats`` stacked along a new leading axis, in one psum.
+    """The ``stats`` of every shard in this shard's group, stacked, in one psum.
 
     Each shard writes its stats into its own slot of a zero buffer and the
     buffers are summed. Unlike ``all_gather``, this works for any mix of
     pmap, vmap and shard_map axes, and its result is known to be replicated,
     so shard_map accepts the new running statistics as replicated outputs.
+    Groups are taken from the full buffer afterwards, since vmap and
+    shard_map collectives take no ``axis_index_groups``.
     """
-    index = jax.lax.axis_index(axis_name)
-    size = jax.lax.axis_size(axis_name)
-    if groups is not None:
-        position = np.zeros(size, np.int32)
-        for group in groups:
-            position[list(group)] = np.arange(len(group))
-        index, size = jnp.asarray(position)[index], len(groups[0])
+    index, size = 0, 1
+    for name in axis_name:  # row-major over the names, one at a time: a tuple
+        n = jax.lax.axis_size(name)  # axis_index fails for vmap-in-pmap here.
+        index, size = index * n + jax.lax.axis_index(name), size * n
     slots = jnp.zeros((size,) + stats.shape, stats.dtype).at[index].set(stats)
-    return jax.lax.psum(slots, axis_name, axis_index_groups=groups)
+    parts = jax.lax.psum(slots, axis_name)
+    if groups is None:
+        return parts
+    members = np.zeros((size, len(groups[0])), np.int32)
+    for group in groups:
+        members[list(group)] = group
+    return parts[jnp.asarray(members)[index]]
+
+
+def group_sum(value, axis_name, groups):
+    """``psum`` of ``value`` within this shard's group."""
+    if groups is None:
+        return jax.lax.psum(value, axis_name)
+    return jnp.sum(_gather(value, axis_name, groups), axis=0)
+
+
+def _merge(count, shift, delta, var, axis_name, groups):
+    """Chan et al.'s merge of shifted moments across ``axis_name``.
+
+    Every shard's mean is taken relative to the shift of the shard with the
+    most valid entries, so the differences stay exact for offset data.
+    """
+    count = jnp.broadcast_to(count, var.shape)
+    parts = _gather(jnp.stack([count, shift, delta, var]), axis_name, groups)
+    counts, shifts, deltas, variances = parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3]
+    total = jnp.sum(counts, axis=0)
+    weights = counts / jnp.maximum(total, 1)
+    shift = jnp.take_along_axis(shifts, jnp.argmax(counts, axis=0)[None], axis=0)[0]
+    offsets = (shifts - shift) + deltas
+    delta = jnp.sum(weights * offsets, axis=0)
+    var = jnp.sum(weights * (variances + jnp.square(offsets - delta)), axis=0)
+    return total, shift, delta, var
 
 
 def merge_moments(count, mean, var, axis_name, groups=None):
-    """Moments of the union of all shards along ``axis_name``.
+    """Moments of the union of all shards along ``axis_name``, in one collective.
 
     Chan, Golub & LeVeque (1979): with weights ``w_i = n_i / N``,
     ``mean = sum_i w_i mean_i`` and
-    ``var = sum_i w_i (var_i + (mean_i - mean)**2)``. Means are taken relative
-    to the first shard's so the differences stay exact for offset data.
+    ``var = sum_i w_i (var_i + (mean_i - mean)**2)``.
     """
-    count = jnp.broadcast_to(count, mean.shape)
-    parts = _gather(jnp.stack([count, mean, var]), axis_name, groups)
-    counts, means, variances = parts[:, 0], parts[:, 1], parts[:, 2]
-    total = jnp.sum(counts, axis=0)
-    weights = counts / jnp.maximum(total, 1)
-    offsets = means - means[:1]
-    delta = jnp.sum(weights * offsets, axis=0)
-    merged_var = jnp.sum(
-            weights * (variances + jnp.square(offsets - delta)), axis=0)
-    return total, means[0] + delta, merged_var
+    total, shift, delta, var = _merge(count, mean, jnp.zeros_like(mean), var, axis_name, groups)
+    return total, shift + delta, var
+
+
+def _shifted(x, axes, mask, center, axis_name, groups):
+    """Shifted moments over ``axes`` and ``axis_name``."""
+    count, shift, delta, var = _shifted_moments(x, axes, mask, center)
+    if axis_name is not None:
+        count, shift, delta, var = _merge(count, shift, delta, var, axis_name, groups)
+    return count, shift, delta, var
 
 
 def moments(x, axes, *, mask=None, center=True, axis_name=None,
-                        axis_index_groups=None):
+            axis_index_groups=None):
     """``(count, mean, var)`` over ``axes`` and ``axis_name``, kept dims."""
-    count, mean, var = local_moments(x, axes, mask, center)
-    if axis_name is not None:
-        count, mean, var = merge_moments(count, mean, var, axis_name,
-                                                                          axis_index_groups)
-    return count, mean, var
+    count, shift, delta, var = _shifted(x, axes, mask, center, axis_name, axis_index_groups)
+    return count, shift + delta, var
 
 
 def _affine(xhat, scale, bias):
@@ -144,14 +197,18 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon):
     return _affine(xhat, scale, bias).astype(x.dtype)
 
 
+def _standard(x, shift, delta, inv, center):
+    """``(x - mean) * inv`` with the mean split as ``shift + delta``."""
+    return ((x - shift) - delta) * inv if center else x * inv
+
+
 def _forward(spec, x, scale, bias, mask):
     xf = x.astype(compute_dtype(x.dtype))
-    count, mean, var = moments(
-            xf, spec.axes, mask=mask, center=spec.center, axis_name=spec.axis_name,
-            axis_index_groups=spec.axis_index_groups)
+    count, shift, delta, var = _shifted(xf, spec.axes, mask, spec.center, spec.axis_name,
+                                        spec.axis_index_groups)
     inv = jax.lax.rsqrt(var + spec.epsilon)
-    y = _affine((xf - mean) * inv, scale, bias).astype(x.dtype)
-    return (y, count, mean, var), (x, scale, bias, mask, count, mean, inv)
+    y = _affine(_standard(xf, shift, delta, inv, spec.center), scale, bias).astype(x.dtype)
+    return (y, count, shift + delta, var), (x, scale, bias, mask, count, shift, delta, inv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -167,37 +224,51 @@ def standardize(spec, x, scale, bias, mask):
     return _forward(spec, x, scale, bias, mask)[0]
 
 
+def _broadcast_axes(shape, full):
+    """The axes along which an array of ``shape`` is broadcast to ``full``."""
+    return tuple(i for i, (a, b) in enumerate(zip(full, shape)) if b == 1 and a != 1)
+
+
 def _reduce_to(value, shape):
     """Sums ``value`` down to the broadcast ``shape``."""
-    axes = tuple(i for i, (a, b) in enumerate(zip(value.shape, shape))
-                              if b == 1 and a != 1)
-    return jnp.sum(value, axis=axes, keepdims=True).reshape(shape)
+    return jnp.sum(value, axis=_broadcast_axes(shape, value.shape), keepdims=True).reshape(shape)
 
 
 def _backward(spec, residuals, cotangents):
-    x, scale, bias, mask, count, mean, inv = residuals
+    x, scale, bias, mask, count, shift, delta, inv = residuals
     dtype = compute_dtype(x.dtype)
     dy = cotangents[0].astype(dtype)
-    xhat = (x.astype(dtype) - mean) * inv
-    dscale = None if scale is None else _reduce_to(dy * xhat, scale.shape).astype(scale.dtype)
-    dbias = None if bias is None else _reduce_to(dy, bias.shape).astype(bias.dtype)
-    g = dy if scale is None else dy * scale
-    # dx = inv * (g - mask * (sum(g) + xhat * sum(g * xhat)) / count): every
-    # output (masked too) depends on the moments, which depend on the valid
-    # entries only. Both sums of every shard go in one collective.
-    sums = [_sum(g * xhat, spec.axes)]
-    if spec.center:
-        sums.append(_sum(g, spec.axes))
+    xhat = _standard(x.astype(dtype), shift, delta, inv, spec.center)
+    # dx = inv * (g - mask * (sum(g) + xhat * sum(g * xhat)) / count) with
+    # g = dy * scale: every output (masked too) depends on the moments, which
+    # depend on the valid entries only. Both sums of every shard go in one
+    # collective.
+    reduced = tuple(a for a in spec.axes if x.shape[a] != 1)
+    if all(p is None or (p.ndim == x.ndim and _broadcast_axes(p.shape, x.shape) == reduced)
+           for p in (scale, bias)):
+        # Parameters constant along the reduced axes (batch norm): their
+        # gradients are the same two sums, so each is taken once.
+        sum_dyx = _sum(dy * xhat, spec.axes)
+        sum_dy = _sum(dy, spec.axes) if spec.center or bias is not None else None
+        dscale = None if scale is None else _reduce_to(sum_dyx, scale.shape).astype(scale.dtype)
+        dbias = None if bias is None else _reduce_to(sum_dy, bias.shape).astype(bias.dtype)
+        factor = 1 if scale is None else scale
+        sums = [factor * sum_dyx] + ([factor * sum_dy] if spec.center else [])
+    else:
+        dscale = None if scale is None else _reduce_to(dy * xhat, scale.shape).astype(scale.dtype)
+        dbias = None if bias is None else _reduce_to(dy, bias.shape).astype(bias.dtype)
+        g = dy if scale is None else dy * scale
+        sums = [_sum(g * xhat, spec.axes)] + ([_sum(g, spec.axes)] if spec.center else [])
     sums = jnp.stack(sums)
     if spec.axis_name is not None:
-        sums = jax.lax.psum(sums, spec.axis_name,
-                                                axis_index_groups=spec.axis_index_groups)
+        sums = group_sum(sums, spec.axis_name, spec.axis_index_groups)
     sums = sums / jnp.maximum(count, 1)
     correction = xhat * sums[0]
     if spec.center:
         correction = correction + sums[1]
     if mask is not None:
         correction = jnp.where(mask, correction, 0)
+    g = dy if scale is None else dy * scale
     dx = (inv * (g - correction)).astype(x.dtype)
     return dx, *_replicated_like((dscale, dbias), (scale, bias)), None
 

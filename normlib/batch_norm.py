@@ -156,7 +156,7 @@ def _ghost(call, size, unbiased):
     used = (count > 0).astype(mean.dtype)
     totals = jnp.stack([jnp.sum(used * m, axis=0) for m in (used, mean, var)])
     if call.axis_name is not None:
-        totals = jax.lax.psum(totals, call.axis_name, axis_index_groups=call.axis_index_groups)
+        totals = _moments.group_sum(totals, call.axis_name, call.axis_index_groups)
     chunks = jnp.maximum(totals[0], 1)
     return y.reshape(x.shape), (totals[0], totals[1] / chunks, totals[2] / chunks)
 

@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from normlib import _checks
 from normlib import _moments
 
 
-def _params(name, value, x, axes):
-    """Checks ``value`` has the shape of ``x`` at ``axes``; reshapes to broadcast."""
+def _params(name, value, x_shape, axes):
+    """``value`` laid out to broadcast against ``x``.
+
+    It has the shape of ``x`` at ``axes``, or ``x.ndim`` dimensions that
+    broadcast to ``x`` (e.g. Flax's LayerNorm parameters on feature axes
+    that are not normalized).
+    """
     if value is None:
         return None
     value = _checks.floating(name, value)
-    _checks.shape(name, value, _checks.features_of(x.shape, axes), f'the normalized axes {axes} of x')
-    return value.reshape(tuple(d if i in axes else 1 for i, d in enumerate(x.shape)))
+    expected = _checks.features_of(x_shape, axes)
+    if value.shape != expected and value.ndim == len(x_shape) and len(axes) != len(x_shape):
+        if jnp.broadcast_shapes(value.shape, x_shape) != tuple(x_shape):
+            raise ValueError(f'{name} has shape {value.shape}, which does not broadcast to x'
+                             f' of shape {tuple(x_shape)}.')
+        return value
+    _checks.shape(name, value, expected, f'the normalized axes {axes} of x')
+    return value.reshape(tuple(d if i in axes else 1 for i, d in enumerate(x_shape)))
 
 
-def _standardize(x, scale, bias, *, axes, epsilon, center, mask=None, axis_name=None):
+def _standardize(x, scale, bias, *, axes, epsilon, center, mask, axis_name, axis_index_groups):
     epsilon = _checks.positive('epsilon', epsilon)
     if mask is not None:
         mask = _checks.mask(mask, x.shape)
-    names, _ = _checks.axis_name(axis_name, None)
-    spec = _moments.Spec(axes, epsilon, center, names)
+    names, groups = _checks.axis_name(axis_name, axis_index_groups)
+    spec = _moments.Spec(axes, epsilon, center, names, groups)
     return _moments.standardize(spec, x, scale, bias, mask)[0]
 
 
 def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask=None,
-               axis_name=None) -> jax.Array:
+               axis_name=None, axis_index_groups=None) -> jax.Array:
     r"""Layer normalization (Ba, Kiros & Hinton, 2016).
 
     .. math::
@@ -39,14 +51,16 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask
 
     Args:
       x: floating-point input.
-      scale: optional multiplier with the shape of ``x`` at ``axis``.
-      bias: optional offset with the shape of ``x`` at ``axis``.
+      scale: optional multiplier with the shape of ``x`` at ``axis`` (or
+        ``x.ndim`` dimensions broadcastable to ``x``).
+      bias: optional offset, shaped like ``scale``.
       axis: the normalized (reduced) axis or axes.
       epsilon: added to the variance inside the square root; > 0.
       mask: boolean, broadcastable to ``x``; False entries are left out of the
         moments.
       axis_name: mapped axis name(s) over which the normalized axes are
         sharded (tensor parallelism); the moments cover the full vector.
+      axis_index_groups: ``pmap`` device groups for ``axis_name``.
 
     References:
       Ba, Kiros & Hinton, `Layer Normalization
@@ -54,12 +68,14 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask
     """
     x = _checks.floating('x', x)
     axes = _checks.axes('axis', axis, x.ndim)
-    return _standardize(x, _params('scale', scale, x, axes), _params('bias', bias, x, axes),
-                        axes=axes, epsilon=epsilon, center=True, mask=mask, axis_name=axis_name)
+    return _standardize(x, _params('scale', scale, x.shape, axes),
+                        _params('bias', bias, x.shape, axes), axes=axes, epsilon=epsilon,
+                        center=True, mask=mask, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups)
 
 
-def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None,
-             axis_name=None) -> jax.Array:
+def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None, axis_name=None,
+             axis_index_groups=None) -> jax.Array:
     r"""Root-mean-square normalization (Zhang & Sennrich, 2019).
 
     .. math::
@@ -75,23 +91,26 @@ def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None,
     """
     x = _checks.floating('x', x)
     axes = _checks.axes('axis', axis, x.ndim)
-    return _standardize(x, _params('scale', scale, x, axes), None,
-                        axes=axes, epsilon=epsilon, center=False, mask=mask, axis_name=axis_name)
+    return _standardize(x, _params('scale', scale, x.shape, axes), None, axes=axes,
+                        epsilon=epsilon, center=False, mask=mask, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups)
 
 
-def group_norm(x, scale=None, bias=None, *, num_groups: int, epsilon: float = 1e-5) -> jax.Array:
+def group_norm(x, scale=None, bias=None, *, num_groups: int, axis=None, epsilon: float = 1e-5,
+               mask=None, axis_name=None, axis_index_groups=None) -> jax.Array:
     r"""Group normalization (Wu & He, 2018), channels-last.
 
     ``x`` has shape ``(N, ..., C)``; the ``C`` channels are split into
     ``num_groups`` contiguous groups and each example's group is normalized
-    with its mean and biased variance over the spatial axes and the group's
-    channels:
+    with its mean and biased variance over ``axis`` (default: every axis
+    but the batch axis 0 and the channels) and the group's channels:
 
     .. math::
       y = \frac{x - \mu_{n,g}}{\sqrt{\sigma_{n,g}^2 + \epsilon}} \cdot scale_c + bias_c
 
     ``scale``/``bias`` have shape ``(C,)``. ``num_groups=1`` is layer norm
-    over all non-batch axes; ``num_groups=C`` is instance norm.
+    over all non-batch axes; ``num_groups=C`` is instance norm. ``mask``,
+    ``axis_name`` and ``axis_index_groups`` are as in :func:`layer_norm`.
 
     References:
       Wu & He, `Group Normalization <https://arxiv.org/abs/1803.08494>`_, 2018.
@@ -99,38 +118,54 @@ def group_norm(x, scale=None, bias=None, *, num_groups: int, epsilon: float = 1e
     x = _checks.floating('x', x)
     if x.ndim < 2:
         raise ValueError(f'x must have shape (N, ..., C) for group_norm, got {x.shape}.')
-    channels = x.shape[-1]
+    channels, last = x.shape[-1], x.ndim - 1
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f'num_groups must be an int, got {num_groups!r}.')
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f'num_groups={num_groups} must be >= 1 and divide the {channels} channels.')
-    grouped = x.reshape(x.shape[:-1] + (num_groups, channels // num_groups))
-    last = (x.ndim - 1, x.ndim)
-    affine = [_params(n, v, x, (x.ndim - 1,)) for n, v in (('scale', scale), ('bias', bias))]
-    affine = [None if v is None else v.reshape(v.shape[:-1] + grouped.shape[-2:]) for v in affine]
-    y = _standardize(grouped, *affine, axes=tuple(range(1, x.ndim - 1)) + (last[1],),
-                     epsilon=epsilon, center=True)
+    axes = tuple(range(1, last)) if axis is None else _checks.axes('axis', axis, x.ndim)
+    if last in axes:
+        raise ValueError(f'axis={axis!r} must not include the channel axis (the last): the'
+                         ' channels are reduced within each group.')
+    grouped = x.shape[:-1] + (num_groups, channels // num_groups)
+    regroup = lambda v: None if v is None else v.reshape(v.shape[:-1] + grouped[-2:])
+    affine = [regroup(_params(n, v, x.shape, (last,))) for n, v in (('scale', scale), ('bias', bias))]
+    if mask is not None:
+        mask = _checks.mask(mask, x.shape).reshape(grouped)
+    y = _standardize(x.reshape(grouped), *affine, axes=axes + (last + 1,), epsilon=epsilon,
+                     center=True, mask=mask, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups)
     return y.reshape(x.shape)
 
 
-def instance_norm(x, scale=None, bias=None, *, epsilon: float = 1e-5) -> jax.Array:
-    r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016), channels-last.
+def instance_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-5, mask=None,
+                  axis_name=None, axis_index_groups=None) -> jax.Array:
+    r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016).
 
-    ``x`` has shape ``(N, spatial..., C)``; each example's channel is
-    normalized with its mean and biased variance over the spatial axes:
+    ``x`` has a batch axis 0 and channel axis or axes ``axis`` (default the
+    last); each example's channel is normalized with its mean and biased
+    variance over every other (spatial) axis:
 
     .. math::
       y = \frac{x - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}} \cdot scale_c + bias_c
+
+    ``scale``/``bias`` have the shape of ``x`` at ``axis``. ``mask``,
+    ``axis_name`` and ``axis_index_groups`` are as in :func:`layer_norm`.
 
     References:
       Ulyanov, Vedaldi & Lempitsky, `Instance Normalization: The Missing
       Ingredient for Fast Stylization <https://arxiv.org/abs/1607.08022>`_, 2016.
     """
     x = _checks.floating('x', x)
-    if x.ndim < 3:
+    channel = _checks.axes('axis', axis, x.ndim)
+    if 0 in channel:
+        raise ValueError(f'axis={axis!r} must not include the batch axis 0.')
+    reduced = tuple(i for i in range(1, x.ndim) if i not in channel)
+    if not reduced:
         raise ValueError(
-            f'x must have shape (N, spatial..., C) with at least one spatial axis for'
-            f' instance_norm, got {x.shape}.')
-    channel = (x.ndim - 1,)
-    return _standardize(x, _params('scale', scale, x, channel), _params('bias', bias, x, channel),
-                        axes=tuple(range(1, x.ndim - 1)), epsilon=epsilon, center=True)
+            f'x of shape {x.shape} has no spatial axis to normalize over: instance_norm needs'
+            ' (N, spatial..., C).')
+    return _standardize(x, _params('scale', scale, x.shape, channel),
+                        _params('bias', bias, x.shape, channel), axes=reduced, epsilon=epsilon,
+                        center=True, mask=mask, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups)
