@@ -138,15 +138,15 @@ def group_sum(value, axis_name, groups):
     return jnp.sum(_gather(value, axis_name, groups), axis=0)
 
 
-def _merge(count, shift, delta, var, axis_name, groups):
-    """Chan et al.'s merge of shifted moments across ``axis_name``.
+def combine(counts, shifts, deltas, variances):
+    """Chan et al.'s merge of shifted moments stacked along axis 0.
 
-    Every shard's mean is taken relative to the shift of the shard with the
-    most valid entries, so the differences stay exact for offset data.
+    Each part ``i`` holds ``counts[i]`` entries with mean
+    ``shifts[i] + deltas[i]`` and biased variance ``variances[i]``; returns
+    ``(total, shift, delta, var)`` of their union. Every part's mean is taken
+    relative to the shift of the part with the most valid entries, so the
+    differences stay exact for offset data.
     """
-    count = jnp.broadcast_to(count, var.shape)
-    parts = _gather(jnp.stack([count, shift, delta, var]), axis_name, groups)
-    counts, shifts, deltas, variances = parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3]
     total = jnp.sum(counts, axis=0)
     weights = counts / jnp.maximum(total, 1)
     shift = jnp.take_along_axis(shifts, jnp.argmax(counts, axis=0)[None], axis=0)[0]
@@ -154,6 +154,13 @@ def _merge(count, shift, delta, var, axis_name, groups):
     delta = jnp.sum(weights * offsets, axis=0)
     var = jnp.sum(weights * (variances + jnp.square(offsets - delta)), axis=0)
     return total, shift, delta, var
+
+
+def _merge(count, shift, delta, var, axis_name, groups):
+    """Shifted moments merged across ``axis_name`` (see :func:`combine`)."""
+    count = jnp.broadcast_to(count, var.shape)
+    parts = _gather(jnp.stack([count, shift, delta, var]), axis_name, groups)
+    return combine(parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3])
 
 
 def merge_moments(count, mean, var, axis_name, groups=None):
