@@ -5,6 +5,7 @@ from normlib.batch_norm import batch_norm
 from normlib.batch_norm import batch_renorm
 from normlib.batch_norm import fold_batch_norm
 from normlib.batch_norm import init_batch_norm
+from normlib.batch_norm import l1_batch_norm
 from normlib.batch_norm import renorm_schedule
 from normlib.layer_norm import group_norm
 from normlib.layer_norm import instance_norm
@@ -25,6 +26,7 @@ __all__ = [
     'group_norm',
     'init_batch_norm',
     'instance_norm',
+    'l1_batch_norm',
     'l1_normalize',
     'l2_normalize',
     'layer_norm',

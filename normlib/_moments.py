@@ -304,3 +304,19 @@ def _replicated_like(cotangents, primals):
 
 
 standardize.defvjp(_forward, _backward)
+
+
+def mean_absolute_deviation(x, axes, mean, *, mask=None, count, axis_name=None,
+                            axis_index_groups=None):
+    """``mean(|x - mean|)`` over ``axes`` and ``axis_name`` (valid entries), kept dims.
+
+    ``mean`` and ``count`` are the merged ones from :func:`moments`, so the
+    deviations of every shard are taken from the same global mean.
+    """
+    deviation = jnp.abs(x - mean)
+    if mask is not None:
+        deviation = jnp.where(mask, deviation, 0)
+    total = _sum(deviation, axes)
+    if axis_name is not None:
+        total = group_sum(total, axis_name, axis_index_groups)
+    return total / jnp.maximum(count, 1)

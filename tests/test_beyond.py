@@ -1,6 +1,7 @@
 """Batch renorm, ghost batch norm, zero-debiased averages, BN folding, PyTorch interop."""
 
 import jax
+import jax.test_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -227,3 +228,41 @@ def test_from_torch_with_prefix_and_missing_keys():
     assert scale is None and bias is None and int(state.count) == 0
     with pytest.raises(ValueError, match='running_mean'):
         torch_interop.from_torch(sd)
+
+
+# ----------------------------------------------------------- L1 batch norm
+
+def test_l1_batch_norm_matches_the_formula_on_offset_data():
+    rng = _rng(8)
+    x = (rng.standard_normal((64, 2, 3)) * 2 + 1e4).astype(np.float32)
+    mask = rng.random((64, 1, 1)) > 0.3
+    scale, bias = rng.random(3).astype(np.float32) + 0.5, rng.standard_normal(3).astype(np.float32)
+    y, state = jax.jit(lambda x: normlib.l1_batch_norm(
+        x, normlib.init_batch_norm(3), scale, bias, training=True, momentum=0.0, mask=mask))(x)
+    valid = x[np.broadcast_to(mask, x.shape)].reshape(-1, 3).astype(np.float64)
+    mu = valid.mean(0)
+    s = np.sqrt(np.pi / 2) * np.abs(valid - mu).mean(0)
+    expected = (x.astype(np.float64) - mu) / np.sqrt(s ** 2 + EPS) * scale + bias
+    np.testing.assert_allclose(y, expected, rtol=1e-3, atol=2e-3)  # x itself is rounded at 1e4
+    np.testing.assert_allclose(state.mean, mu, rtol=1e-6)
+    np.testing.assert_allclose(state.var, s ** 2, rtol=1e-3)
+    y_eval, _ = normlib.l1_batch_norm(x, state, scale, bias, training=False)
+    b_eval, _ = normlib.batch_norm(x, state, scale, bias, training=False)
+    np.testing.assert_array_equal(y_eval, b_eval)
+
+
+def test_l1_batch_norm_gradients_and_devices():
+    rng = _rng(9)
+    x = (rng.standard_normal((8, 6, 3)) + 3).astype(np.float32)
+    w = rng.standard_normal((8, 6, 3)).astype(np.float32)
+    single = lambda x: jnp.sum(w.reshape(-1, 3) * normlib.l1_batch_norm(
+        x.reshape(-1, 3), normlib.init_batch_norm(3), training=True)[0])
+    mapped = lambda x: jnp.sum(w * jax.pmap(lambda x: normlib.l1_batch_norm(
+        x, normlib.init_batch_norm(3), training=True, axis_name='i')[0], axis_name='i')(x))
+    np.testing.assert_allclose(jax.grad(mapped)(x), jax.grad(single)(x), rtol=1e-4, atol=1e-5)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(x[:2], jnp.float64)
+        jax.test_util.check_grads(
+            lambda x: jnp.sum(jnp.sin(normlib.l1_batch_norm(
+                x, normlib.init_batch_norm(3, jnp.float64), training=True)[0])),
+            (x64,), order=2, modes=['rev'])
