@@ -116,24 +116,26 @@ def _progress(batches, progress):
 def _merge_batches(batch_moments, batches, progress, *args) -> dict[Any, _Total]:
     """Every layer's moments over all batches; ``batch_moments(batch, *args)``
     (jitted) gives one batch's, as ``{layer: _Calls}``."""
-    totals = {}
-    for batch in _progress(batches, progress):
+    totals, seen = {}, 0
+    for seen, batch in enumerate(_progress(batches, progress), 1):
         calls = batch_moments(batch, *args)
         for key, rows in calls.items():
             if key not in totals:
                 totals[key] = _empty(rows)
         totals.update(_add({key: totals[key] for key in calls}, calls))
+    if not seen:
+        raise ValueError('batches is empty: there are no statistics to compute.')
     if not totals:
-        raise ValueError('batches gave no batch (or the model called no BatchNorm), so there'
-                         ' are no statistics to compute.')
+        raise ValueError(f'No BatchNorm was called in {seen} batch(es).')
     return totals
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def _finish(total: _Total, mean, var, unbiased):
     """The new ``(mean, var)``, shaped as the old ones; features without a
     valid entry keep the old values."""
-    count, new_mean = total.count.reshape(mean.shape), (total.shift + total.delta).reshape(mean.shape)
-    new_var = total.var.reshape(var.shape)
+    count, new_var = total.count.reshape(var.shape), total.var.reshape(var.shape)
+    new_mean = (total.shift + total.delta).reshape(mean.shape)
     if unbiased:
         new_var = new_var * count / jnp.maximum(count - 1, 1)
     seen = count > 0
@@ -270,8 +272,9 @@ def precise_linen(model: nn.Module, variables, batches: Iterable[Any], *,
         module = context.module
         if context.method_name == '__call__' and isinstance(module, _LINEN_BATCH_NORMS):
             path = module.scope.path
-            _check_training(module, f"The BatchNorm at '{'/'.join(path)}'", args[1:], kwargs)
-            module.sow(_COLLECTION, 'moments', _feature_moments(args[0], module.axis,
+            x, rest = (args[0], args[1:]) if args else (kwargs['x'], ())
+            _check_training(module, f"The BatchNorm at '{'/'.join(path)}'", rest, kwargs)
+            module.sow(_COLLECTION, 'moments', _feature_moments(x, module.axis,
                                                                 kwargs.get('mask')))
             unbiased[path] = getattr(module, 'unbiased_running_var', False)
         return next_fun(*args, **kwargs)
@@ -365,6 +368,7 @@ def precise_nnx(model: nnx.Module, batches: Iterable[Any], *,
         return {'/'.join(map(str, path[:-1])): _stacked(rows.get_value())
                 for path, rows in nnx.to_flat_state(sown)}
 
+    # A snapshot: nnx.state shares the model's Variables.
     saved = jax.tree.map(lambda v: v, nnx.state(model, nnx.BatchStat))
     try:
         totals = _merge_batches(batch_moments, batches, progress, view)
