@@ -359,6 +359,8 @@ def precise_nnx(model: nnx.Module, batches: Iterable[Any], *,
     call = (lambda model, batch: model(batch)) if call is None else call
     view = nnx.view(model, use_running_average=False, deterministic=False,
                     raise_if_not_found=False)
+    # NNX has no method interceptors; the view's BatchNorms are copies of the
+    # model's, so only they become recording ones.
     for layer in _batch_norms(view).values():
         layer.__class__ = _recording(type(layer))
 
