@@ -14,6 +14,9 @@ from normlib.layer_norm import rms_norm
 from normlib.lp_norm import l1_normalize
 from normlib.lp_norm import l2_normalize
 from normlib.lp_norm import lp_normalize
+from normlib.precise import precise_batch_stats
+from normlib.precise import precise_linen
+from normlib.precise import precise_nnx
 from normlib._weight_decay import weight_decay_mask
 
 __version__ = '0.1.0'
@@ -31,6 +34,9 @@ __all__ = [
     'l2_normalize',
     'layer_norm',
     'lp_normalize',
+    'precise_batch_stats',
+    'precise_linen',
+    'precise_nnx',
     'renorm_schedule',
     'rms_norm',
     'weight_decay_mask',

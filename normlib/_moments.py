@@ -32,12 +32,16 @@ class Spec(NamedTuple):
         center: subtract the mean (False gives RMS normalization).
         axis_name: named mapped axes to reduce over as well, or None.
         axis_index_groups: device groups for ``axis_name``, or None.
+        axis_sizes: the sizes of the ``axis_name`` axes; :func:`standardize`
+          fills them in (inside a custom VJP under ``vmap``-in-``pmap`` they
+          cannot be looked up).
     """
     axes: tuple[int, ...]
     epsilon: float
     center: bool = True
     axis_name: tuple[Any, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    axis_sizes: tuple[int, ...] | None = None
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -107,7 +111,7 @@ def local_moments(x, axes, mask, center=True):
     return count, shift + delta, var
 
 
-def _gather(stats, axis_name, groups):
+def _gather(stats, axis_name, groups, sizes=None):
     """The ``stats`` of every shard in this shard's group, stacked, in one psum.
 
     Each shard writes its stats into its own slot of a zero buffer and the
@@ -117,10 +121,11 @@ def _gather(stats, axis_name, groups):
     Groups are taken from the full buffer afterwards, since vmap and
     shard_map collectives take no ``axis_index_groups``.
     """
+    if sizes is None:
+        sizes = tuple(jax.lax.axis_size(name) for name in axis_name)
     index, size = 0, 1
-    for name in axis_name:  # row-major over the names, one at a time: a tuple
-        n = jax.lax.axis_size(name)  # axis_index fails for vmap-in-pmap here.
-        index, size = index * n + jax.lax.axis_index(name), size * n
+    for name, n in zip(axis_name, sizes):  # row-major; a tuple's axis_index
+        index, size = index * n + jax.lax.axis_index(name), size * n  # fails in vmap-in-pmap
     slots = jnp.zeros((size,) + stats.shape, stats.dtype).at[index].set(stats)
     parts = jax.lax.psum(slots, axis_name)
     if groups is None:
@@ -131,11 +136,11 @@ def _gather(stats, axis_name, groups):
     return parts[jnp.asarray(members)[index]]
 
 
-def group_sum(value, axis_name, groups):
+def group_sum(value, axis_name, groups, sizes=None):
     """``psum`` of ``value`` within this shard's group."""
     if groups is None:
         return jax.lax.psum(value, axis_name)
-    return jnp.sum(_gather(value, axis_name, groups), axis=0)
+    return jnp.sum(_gather(value, axis_name, groups, sizes), axis=0)
 
 
 def combine(counts, shifts, deltas, variances):
@@ -156,10 +161,10 @@ def combine(counts, shifts, deltas, variances):
     return total, shift, delta, var
 
 
-def _merge(count, shift, delta, var, axis_name, groups):
+def _merge(count, shift, delta, var, axis_name, groups, sizes=None):
     """Shifted moments merged across ``axis_name`` (see :func:`combine`)."""
     count = jnp.broadcast_to(count, var.shape)
-    parts = _gather(jnp.stack([count, shift, delta, var]), axis_name, groups)
+    parts = _gather(jnp.stack([count, shift, delta, var]), axis_name, groups, sizes)
     return combine(parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3])
 
 
@@ -174,11 +179,11 @@ def merge_moments(count, mean, var, axis_name, groups=None):
     return total, shift + delta, var
 
 
-def _shifted(x, axes, mask, center, axis_name, groups):
+def _shifted(x, axes, mask, center, axis_name, groups, sizes=None):
     """Shifted moments over ``axes`` and ``axis_name``."""
     count, shift, delta, var = _shifted_moments(x, axes, mask, center)
     if axis_name is not None:
-        count, shift, delta, var = _merge(count, shift, delta, var, axis_name, groups)
+        count, shift, delta, var = _merge(count, shift, delta, var, axis_name, groups, sizes)
     return count, shift, delta, var
 
 
@@ -212,13 +217,12 @@ def _standard(x, shift, delta, inv, center):
 def _forward(spec, x, scale, bias, mask):
     xf = x.astype(compute_dtype(x.dtype))
     count, shift, delta, var = _shifted(xf, spec.axes, mask, spec.center, spec.axis_name,
-                                        spec.axis_index_groups)
+                                        spec.axis_index_groups, spec.axis_sizes)
     inv = jax.lax.rsqrt(var + spec.epsilon)
     y = _affine(_standard(xf, shift, delta, inv, spec.center), scale, bias).astype(x.dtype)
     return (y, count, shift + delta, var), (x, scale, bias, mask, count, shift, delta, inv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def standardize(spec, x, scale, bias, mask):
     """Normalizes ``x`` with its own moments; returns ``(y, count, mean, var)``.
 
@@ -228,6 +232,13 @@ def standardize(spec, x, scale, bias, mask):
     broadcast against ``x``. The returned moments are float32 (kept dims) and
     carry no gradient: callers wrap them in ``stop_gradient``.
     """
+    if spec.axis_name is not None and spec.axis_sizes is None:
+        spec = spec._replace(axis_sizes=tuple(jax.lax.axis_size(n) for n in spec.axis_name))
+    return _standardize(spec, x, scale, bias, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _standardize(spec, x, scale, bias, mask):
     return _forward(spec, x, scale, bias, mask)[0]
 
 
@@ -268,7 +279,7 @@ def _backward(spec, residuals, cotangents):
         sums = [_sum(g * xhat, spec.axes)] + ([_sum(g, spec.axes)] if spec.center else [])
     sums = jnp.stack(sums)
     if spec.axis_name is not None:
-        sums = group_sum(sums, spec.axis_name, spec.axis_index_groups)
+        sums = group_sum(sums, spec.axis_name, spec.axis_index_groups, spec.axis_sizes)
     sums = sums / jnp.maximum(count, 1)
     correction = xhat * sums[0]
     if spec.center:
@@ -303,7 +314,7 @@ def _replicated_like(cotangents, primals):
     return jax.lax.psum(cotangents, tuple(sorted(axes)))
 
 
-standardize.defvjp(_forward, _backward)
+_standardize.defvjp(_forward, _backward)
 
 
 def mean_absolute_deviation(x, axes, mean, *, mask=None, count, axis_name=None,
