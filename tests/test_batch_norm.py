@@ -526,8 +526,10 @@ def test_composes_with_grad_vmap_and_checkpoint():
             def hvp(x, w, v):
                 return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x, w), v))(x)
 
-            return jax.jit(lambda x, w, v: (jax.vmap(hvp)(x, w, v),
-                                            jax.vmap(jax.grad(jax.checkpoint(loss)))(x, w)))(x, w, v)
+            def both(x, w, v):
+                return jax.vmap(hvp)(x, w, v), jax.vmap(jax.grad(jax.checkpoint(loss)))(x, w)
+
+            return jax.jit(both)(x, w, v)
 
         got = derivatives(lambda x: nl.batch_norm(x, state, scale, bias, training=True)[0])
         expected = derivatives(lambda x: jnp_reference_bn(x, scale, bias))

@@ -1,4 +1,4 @@
-"""Bad input: a TypeError or ValueError naming the argument and what it got, eagerly and under jit."""
+"""Bad input: a TypeError or ValueError naming the argument and what it got, also under jit."""
 
 import jax
 import jax.numpy as jnp
