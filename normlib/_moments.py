@@ -3,14 +3,19 @@
 Every normalizer in normlib (batch, layer, RMS, group, instance) goes through
 :func:`standardize`, which
 
-1. computes per-shard moments with a shifted two-pass algorithm (stable for
-      any offset, masked entries left out),
+1. computes per-shard moments around a shift, in two passes with a third
+   only when the shift lies far from the mean (stable for any offset,
+   masked entries left out),
 2. merges the shards' ``(count, mean, var)`` across named axes with a single
-      collective and Chan et al.'s pairwise formula, so the result equals the
-      moments of the concatenated valid elements,
-3. normalizes, with a custom VJP that saves only ``x``, the float32 mean and
-      the inverse standard deviation, and syncs its two reductions in a single
-      collective.
+   collective and Chan et al.'s pairwise formula, so the result equals the
+   moments of the concatenated valid elements,
+3. normalizes, with a custom VJP that saves only ``x``, the float32 mean (as
+   ``shift + delta``) and the inverse standard deviation, and syncs its two
+   reductions in a single collective.
+
+Normalization is memory-bound, so the code is shaped by what XLA fuses: each
+reduction over leading axes is its own pass over ``x``, while reductions over
+trailing axes can share one sweep with the elementwise work around them.
 """
 
 from __future__ import annotations
@@ -53,48 +58,92 @@ def _sum(x, axes):
     return jnp.sum(x, axis=axes, keepdims=True)
 
 
-# A shift farther than sqrt(_FAR) standard deviations from the mean triggers
-# a re-centering pass; closer shifts leave rounding errors of relative size
-# about _FAR * eps**2 in the variance (eps = float32 machine epsilon).
+def _trailing(axes, ndim):
+    """Whether ``axes`` are the last ones, so each reduced slice is contiguous."""
+    return tuple(axes) == tuple(range(ndim - len(axes), ndim))
+
+
+def _fresh(values, tag):
+    """``values`` (a tuple), hidden from XLA's common-subexpression elimination.
+
+    XLA:CPU writes to memory an elementwise result that a reduction shares
+    with another consumer, and runs each reduction as its own pass. Giving
+    each pass its own copy of its operands lets it recompute the elementwise
+    part in registers instead. XLA merges identical barriers, so each tag
+    rotates the operands differently. (The barriers are gone before fusion,
+    so backends that fuse sibling reductions still do.)
+    """
+    k = tag % len(values)
+    rotated = jax.lax.optimization_barrier(values[k:] + values[:k])
+    return rotated[len(values) - k:] + rotated[:len(values) - k]
+
+
+# Re-center when the shift lies more than sqrt(_FAR) standard deviations from
+# the mean. Nearer shifts leave a relative error in the variance of at most
+# about _FAR times the square of the first pass's relative rounding error.
 _FAR = 1e4
 
 
-def _shifted_moments(x, axes, mask, center):
+def _shifted_moments(x, axes, mask, center, sweep=False):
     """``(count, shift, delta, var)`` of one shard, kept dims; mean = shift + delta.
 
-    Two passes: ``delta = mean(x - shift)`` around a shift (the first valid
-    element along ``axes``, else 0), then ``var = mean((x - shift - delta)**2)``.
-    Keeping the mean split keeps ``x - shift - delta`` exact for offset data;
-    the variance's only error beyond rounding is the square of ``delta``'s
-    rounding error, negligible unless the shift lies far from the mean (an
-    outlier or a masked first element). In that case, and only then, one
-    more pass re-centers on ``shift + delta`` with the corrected formula
-    ``mean(d**2) - mean(d)**2``. Without ``center``, shift and delta are 0
-    and ``var`` is ``mean(x**2)``.
+    The first pass takes ``delta = mean(x - shift)`` around a shift, the
+    first valid element along ``axes`` (else 0). Keeping the mean split as
+    ``shift + delta`` keeps ``x - mean`` exact in float32 for any offset.
+
+    Re-centering takes ``d = x - shift`` around ``shift + delta``, which is
+    exact for data near the mean, and the corrected two-pass moments
+    ``mean(d)`` and ``mean(d**2) - mean(d)**2``. With ``sweep`` (XLA fuses
+    every pass over a row into one sweep, so passes are free) it is always
+    done. Otherwise each reduction costs a pass over ``x``: the second pass
+    is ``var = mean((x - shift - delta)**2)``, whose only error beyond
+    rounding is the square of ``delta``'s rounding error, and re-centering
+    (two more passes) runs only when the shift lies far from the mean (an
+    outlier, a masked first element).
+
+    Without ``center``, shift and delta are 0 and ``var = mean(x**2)``.
     """
+    dtype = compute_dtype(x.dtype)
+
+    def read(*small):  # x in the compute dtype and small operands, private to one pass
+        x_, *small = (x, *small) if sweep else _fresh((x, *small), 0)
+        return (x_.astype(dtype), *small)
+
     if mask is None:
-        count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), x.dtype)
+        count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), dtype)
     else:
-        count = _sum(mask, axes).astype(x.dtype)
+        count = _sum(mask, axes).astype(dtype)
     safe = jnp.maximum(count, 1)
     keep = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0))
     if not center:
-        var = _sum(keep(x * x), axes) / safe
+        xs, = read()
+        var = _sum(keep(xs * xs), axes) / safe
         return count, jnp.zeros_like(var), jnp.zeros_like(var), var
     first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-    shift = x[first] if mask is None else jnp.where(mask[first], x[first], 0)
-    shift = jax.lax.stop_gradient(shift)
-    delta = _sum(keep(x - shift), axes) / safe
-    var = _sum(keep(jnp.square((x - shift) - delta)), axes) / safe
+    shift = x[first].astype(dtype)
+    shift = jax.lax.stop_gradient(shift if mask is None else jnp.where(mask[first], shift, 0))
+    xs, pass_shift = read(shift)
+    delta = _sum(keep(xs - pass_shift), axes) / safe
 
-    def recenter(shift, delta, var):
+    def recenter(shift, delta, var=None):
         shift = shift + delta
-        d = keep(x - shift)
+        d = keep(x.astype(dtype) - shift)
         delta = _sum(d, axes) / safe
         return shift, delta, jnp.maximum(_sum(d * d, axes) / safe - jnp.square(delta), 0)
 
-    far = jnp.any(jnp.square(delta) > _FAR * var)
-    shift, delta, var = jax.lax.cond(far, recenter, lambda *s: s, shift, delta, var)
+    def passes(shift, delta):
+        xs, pass_shift, pass_delta = read(shift, delta)
+        var = _sum(keep(jnp.square((xs - pass_shift) - pass_delta)), axes) / safe
+        far = jnp.any(jnp.square(delta) > _FAR * var)
+        return jax.lax.cond(far, recenter, lambda *s: s, shift, delta, var)
+
+    if sweep:
+        shift, delta, var = recenter(shift, delta)
+    else:
+        # A GPU fuses re-centering's two sums into one pass, and its
+        # conditionals would wait for the device: there, always re-center.
+        shift, delta, var = jax.lax.platform_dependent(shift, delta, cpu=passes,
+                                                       default=recenter)
     if mask is not None:
         shift, delta = (jnp.where(count > 0, s, 0) for s in (shift, delta))
     return count, shift, delta, var
@@ -107,7 +156,7 @@ def local_moments(x, axes, mask, center=True):
     left out, and a shard without valid entries has mean and variance 0.
     Without ``center`` the mean is 0 and ``var`` is ``mean(x**2)``.
     """
-    count, shift, delta, var = _shifted_moments(x, axes, mask, center)
+    count, shift, delta, var = _shifted_moments(x, axes, mask, center, sweep=False)
     return count, shift + delta, var
 
 
@@ -179,9 +228,9 @@ def merge_moments(count, mean, var, axis_name, groups=None):
     return total, shift + delta, var
 
 
-def _shifted(x, axes, mask, center, axis_name, groups, sizes=None):
+def _shifted(x, axes, mask, center, axis_name, groups, sizes=None, sweep=False):
     """Shifted moments over ``axes`` and ``axis_name``."""
-    count, shift, delta, var = _shifted_moments(x, axes, mask, center)
+    count, shift, delta, var = _shifted_moments(x, axes, mask, center, sweep)
     if axis_name is not None:
         count, shift, delta, var = _merge(count, shift, delta, var, axis_name, groups, sizes)
     return count, shift, delta, var
@@ -214,10 +263,10 @@ def _standard(x, shift, delta, inv, center):
     return ((x - shift) - delta) * inv if center else x * inv
 
 
-def _forward(spec, x, scale, bias, mask):
+def _forward(spec, x, scale, bias, mask, sweep=False):
     xf = x.astype(compute_dtype(x.dtype))
-    count, shift, delta, var = _shifted(xf, spec.axes, mask, spec.center, spec.axis_name,
-                                        spec.axis_index_groups, spec.axis_sizes)
+    count, shift, delta, var = _shifted(x, spec.axes, mask, spec.center, spec.axis_name,
+                                        spec.axis_index_groups, spec.axis_sizes, sweep)
     inv = jax.lax.rsqrt(var + spec.epsilon)
     y = _affine(_standard(xf, shift, delta, inv, spec.center), scale, bias).astype(x.dtype)
     return (y, count, shift + delta, var), (x, scale, bias, mask, count, shift, delta, inv)
@@ -239,7 +288,10 @@ def standardize(spec, x, scale, bias, mask):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _standardize(spec, x, scale, bias, mask):
-    return _forward(spec, x, scale, bias, mask)[0]
+    # Undifferentiated, with trailing axes, the moments can be computed in the
+    # same sweep as y; for the backward pass they must be saved, so the
+    # forward rule takes them in separate passes.
+    return _forward(spec, x, scale, bias, mask, sweep=_trailing(spec.axes, x.ndim))[0]
 
 
 def _broadcast_axes(shape, full):
@@ -255,39 +307,54 @@ def _reduce_to(value, shape):
 def _backward(spec, residuals, cotangents):
     x, scale, bias, mask, count, shift, delta, inv = residuals
     dtype = compute_dtype(x.dtype)
-    dy = cotangents[0].astype(dtype)
-    xhat = _standard(x.astype(dtype), shift, delta, inv, spec.center)
+    reduced = {a for a in spec.axes if x.shape[a] != 1}
+
+    def read(tag):  # (xhat, g, dy) computed privately for one pass (see _fresh)
+        x_, dy, *small = _fresh((x, cotangents[0], shift, delta, inv), tag)
+        dy = dy.astype(dtype)
+        xhat = _standard(x_.astype(dtype), *small, spec.center)
+        return xhat, dy if scale is None else dy * scale, dy
+
+    def constant(p):  # along the reduced axes
+        return p is None or (p.ndim == x.ndim and reduced <= set(_broadcast_axes(p.shape, x.shape)))
+
     # dx = inv * (g - mask * (sum(g) + xhat * sum(g * xhat)) / count) with
     # g = dy * scale: every output (masked too) depends on the moments, which
-    # depend on the valid entries only. Both sums of every shard go in one
-    # collective.
-    reduced = tuple(a for a in spec.axes if x.shape[a] != 1)
-    if all(p is None or (p.ndim == x.ndim and _broadcast_axes(p.shape, x.shape) == reduced)
-           for p in (scale, bias)):
-        # Parameters constant along the reduced axes (batch norm): their
-        # gradients are the same two sums, so each is taken once.
+    # depend on the valid entries only.
+    sum_dy = None
+    if constant(scale):
+        # sum(g * xhat) = scale * sum(dy * xhat): the two sums double as the
+        # parameters' gradients (batch norm), so each costs one pass.
+        xhat, _, dy = read(0)
         sum_dyx = _sum(dy * xhat, spec.axes)
-        sum_dy = _sum(dy, spec.axes) if spec.center or bias is not None else None
-        dscale = None if scale is None else _reduce_to(sum_dyx, scale.shape).astype(scale.dtype)
-        dbias = None if bias is None else _reduce_to(sum_dy, bias.shape).astype(bias.dtype)
+        if spec.center or constant(bias) and bias is not None:
+            sum_dy = _sum(read(1)[2], spec.axes)
         factor = 1 if scale is None else scale
         sums = [factor * sum_dyx] + ([factor * sum_dy] if spec.center else [])
+        dscale = None if scale is None else _reduce_to(sum_dyx, scale.shape)
     else:
-        dscale = None if scale is None else _reduce_to(dy * xhat, scale.shape).astype(scale.dtype)
-        dbias = None if bias is None else _reduce_to(dy, bias.shape).astype(bias.dtype)
-        g = dy if scale is None else dy * scale
-        sums = [_sum(g * xhat, spec.axes)] + ([_sum(g, spec.axes)] if spec.center else [])
+        xhat, g, _ = read(0)
+        sums = [_sum(g * xhat, spec.axes)] + ([_sum(read(1)[1], spec.axes)] if spec.center else [])
+        xhat, _, dy = read(2)
+        dscale = _reduce_to(dy * xhat, scale.shape)
+    if bias is None:
+        dbias = None
+    else:
+        dbias = _reduce_to(sum_dy if sum_dy is not None and constant(bias) else read(3)[2],
+                           bias.shape)
     sums = jnp.stack(sums)
-    if spec.axis_name is not None:
+    if spec.axis_name is not None:  # both sums of every shard in one collective
         sums = group_sum(sums, spec.axis_name, spec.axis_index_groups, spec.axis_sizes)
-    sums = sums / jnp.maximum(count, 1)
-    correction = xhat * sums[0]
+    safe = jnp.maximum(count, 1)
+    xhat, g, _ = read(4)
+    correction = xhat * (sums[0] / safe)
     if spec.center:
-        correction = correction + sums[1]
+        correction = correction + sums[1] / safe
     if mask is not None:
         correction = jnp.where(mask, correction, 0)
-    g = dy if scale is None else dy * scale
     dx = (inv * (g - correction)).astype(x.dtype)
+    dscale, dbias = (None if d is None else d.astype(p.dtype)
+                     for d, p in ((dscale, scale), (dbias, bias)))
     return dx, *_replicated_like((dscale, dbias), (scale, bias)), None
 
 
