@@ -1,0 +1,128 @@
+"""``python -m benchmarks [--smoke] [--out DIR] [--rounds N] [--gpu RESULTS.json]``.
+
+Times every case, then writes ``results.json``, ``RESULTS.md`` and
+``results.png`` to ``--out`` (default: this package's folder). ``--gpu``
+adds the GPU section from a ``results.json`` written by a run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+from importlib import metadata
+
+import jax
+import numpy as np
+import tqdm
+
+from benchmarks import _cases, _hlo, _memory, _report, _stability, _timing
+
+NOTES = pathlib.Path(__file__).with_name('NOTES.md')
+SMOKE_LIBRARIES = ('normlib', 'flax', 'flax two-pass', 'torch', 'jax')
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    try:
+        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30
+    except (ValueError, OSError, AttributeError):
+        memory = float('nan')
+    device = jax.devices()[0]
+    return {'cpu': cpu, 'cores': os.cpu_count(), 'memory_gib': memory,
+            'platform': f'{platform.system()} {platform.release()}',
+            'device': getattr(device, 'device_kind', str(device)), 'backend': jax.default_backend()}
+
+
+def _versions() -> dict:
+    out = {'python': platform.python_version()}
+    for name in ('jax', 'jaxlib', 'flax', 'dm-haiku', 'equinox', 'torch', 'numpy', 'normlib'):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float('nan')
+
+
+def _bandwidth(mib: int, rounds: int) -> dict:
+    """GB/s (read + written) of a jitted ``x + 1`` and of ``numpy.copyto``."""
+    case = _cases.Case('copy', (mib * 2 ** 18,), mode='fwd')
+    times = _timing.interleaved(_cases.copy_runners(case), rounds)
+    return {'mib': mib, 'gbs': {k: 2 * case.nbytes / t / 1e9 for k, t in times.items()}}
+
+
+def run(smoke: bool, rounds: int, min_sample_s: float) -> dict:
+    results = {'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'), 'smoke': smoke,
+               'machine': _machine(), 'versions': _versions(), 'rounds': rounds,
+               'load': [_load()]}
+    results['bandwidth'] = _bandwidth(1 if smoke else 256, rounds)
+    results['cases'] = []
+    for i, case in enumerate(tqdm.tqdm(_cases.cases(smoke), desc='cases', file=sys.stdout)):
+        # A smoke run builds Haiku and Equinox (slow to compile) in one case only.
+        libraries = _cases.LIBRARIES if not smoke or i == 1 else SMOKE_LIBRARIES
+        runners, hlo, errors = _cases.runners(case, libraries)
+        copies = _cases.copy_runners(case)
+        times = _timing.interleaved({**runners, **copies}, rounds, min_sample_s=min_sample_s)
+        entry = {'name': case.name, 'op': case.op, 'shape': list(case.shape),
+                 'dtype': case.dtype, 'mode': case.mode, 'nbytes': case.nbytes,
+                 'floor_arrays': case.floor_arrays,
+                 'times': {k: times[k] for k in runners}, 'copy': {k: times[k] for k in copies},
+                 'errors': errors}
+        if case.mode == 'fwd+bwd':
+            entry['profile'] = {lib: _hlo.profile(text, case.nbytes) for lib, text in hlo.items()
+                                if lib in ('normlib', 'flax', 'flax two-pass')}
+        results['cases'].append(entry)
+    batch, width, depth = (64, 32, 2) if smoke else (2048, 1024, 8)
+    temps, steps = _memory.measure(batch, width, depth)
+    step_times = _timing.interleaved(steps, rounds, min_sample_s=min_sample_s)
+    results['memory'] = {'batch': batch, 'width': width, 'depth': depth, 'temp': temps,
+                         'times': step_times}
+    results['stability'] = _stability.table(SMOKE_LIBRARIES if smoke else _cases.LIBRARIES)
+    results['load'].append(_load())
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m benchmarks', description=__doc__.split('\n')[0])
+    parser.add_argument('--smoke', action='store_true', help='tiny inputs, two rounds: seconds')
+    parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path(__file__).parent,
+                        help='folder for results.json, RESULTS.md and results.png')
+    parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds per case')
+    parser.add_argument('--gpu', type=pathlib.Path, default=None,
+                        help='results.json of a GPU run, for the GPU section')
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.smoke else 21)
+    gpu_device = jax.default_backend() != 'cpu'
+    results = run(args.smoke, rounds, min_sample_s=0.02 if gpu_device else 0.0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'results.json').write_text(json.dumps(results, indent=1))
+    gpu = json.loads(args.gpu.read_text()) if args.gpu else None
+    notes = NOTES.read_text() if NOTES.exists() and not args.smoke else ''
+    (args.out / 'RESULTS.md').write_text(_report.markdown(results, gpu, notes))
+    _report.chart(results, str(args.out / 'results.png'))
+    for name, value, bound, met in _report.targets(results):
+        shown = '-' if value is None else f'{value:.3g}'
+        print(f'{name}: {shown} (<= {bound:g}) {"met" if met else "MISSED" if met is False else ""}')
+    print(f'wrote {args.out / "RESULTS.md"} and {args.out / "results.png"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""What a compiled program moves: the fusions of XLA's optimized HLO and their bytes."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+             'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_ARRAY = re.compile(r'\b(' + '|'.join(_ITEMSIZE) + r')\[([\d,]*)\]')
+_INSTRUCTION = re.compile(r'^(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$')
+# Instructions that move no data of their own.
+_FREE = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'conditional',
+         'while', 'call', 'opt-barrier', 'after-all'}
+
+
+def _bytes(shapes: str) -> int:
+    return sum(_ITEMSIZE[t] * math.prod(int(d) for d in dims.split(',') if d)
+               for t, dims in _ARRAY.findall(shapes))
+
+
+def entry_traffic(hlo_text: str) -> list[dict]:
+    """Bytes read and written by each instruction of the entry computation.
+
+    Reads count each operand once, whole (a slice reads only its output).
+    Branches of conditionals are not counted: they run only when taken.
+    """
+    entry = hlo_text[hlo_text.index('\nENTRY'):]
+    shapes, out = {}, []
+    for line in entry.splitlines()[1:]:
+        match = _INSTRUCTION.match(line.strip())
+        if not match:
+            continue
+        name, shape, opcode, rest = match.groups()
+        shapes[name] = shape
+        if opcode in _FREE:
+            continue
+        operands = re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
+        written = _bytes(shape)
+        read = written if 'slice' in name else sum(_bytes(shapes.get(o, '')) for o in operands)
+        kind = re.search(r'"kind":"(\w+)"', rest) or re.search(r'kind=(\w+)', rest)
+        out.append({'name': name, 'opcode': opcode, 'kind': kind.group(1) if kind else opcode,
+                    'read': read, 'written': written})
+    return out
+
+
+def profile(hlo_text: str, array_bytes: int) -> dict:
+    """Passes over the array: kernels that touch at least half an array's bytes.
+
+    Returns the number of such kernels, how many are reductions, and the
+    bytes all kernels read and write in units of one array.
+    """
+    traffic = entry_traffic(hlo_text)
+    heavy = [t for t in traffic if t['read'] + t['written'] >= array_bytes / 2]
+    reductions = [t for t in heavy if t['written'] < array_bytes / 2]
+    return {
+        'kernels': len(heavy),
+        'reductions': len(reductions),
+        'read': sum(t['read'] for t in traffic) / array_bytes,
+        'written': sum(t['written'] for t in traffic) / array_bytes,
+    }

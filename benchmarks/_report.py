@@ -1,0 +1,217 @@
+"""RESULTS.md and results.png from a run's results (a JSON-able dict)."""
+
+from __future__ import annotations
+
+import math
+
+ANCHORS = ('flax', 'flax two-pass', 'haiku', 'equinox', 'torch', 'jax')
+MIB = 2 ** 20
+
+
+def floor_seconds(case: dict) -> float:
+    """Time to move the case's must-move bytes at the copy bandwidth of its rounds.
+
+    A copy reads and writes one array, so moving ``k`` arrays takes
+    ``k / 2`` copies; the faster copy of the round sets the bandwidth.
+    """
+    return case['floor_arrays'] / 2 * min(case['copy'].values())
+
+
+def _ms(seconds: float) -> str:
+    return f'{seconds * 1e3:.3g}' if seconds < 0.1 else f'{seconds * 1e3:.0f}'
+
+
+def _find(results, op, mode, shape, dtype='float32'):
+    for case in results['cases']:
+        if (case['op'], case['mode'], tuple(case['shape']), case['dtype']) == (op, mode, shape, dtype):
+            return case
+    return None
+
+
+def targets(results: dict) -> list[tuple[str, float | None, float, bool | None]]:
+    """``(target, measured, bound, met)`` for each target of the issue."""
+    rows = []
+
+    def ratio(case, anchor):
+        if case is None or anchor not in case['times'] or 'normlib' not in case['times']:
+            return None
+        return case['times']['normlib'] / case['times'][anchor]
+
+    shapes = [tuple(c['shape']) for c in results['cases']
+              if c['op'] == 'batch_norm' and c['mode'] == 'fwd+bwd' and c['dtype'] == 'float32']
+    bn = _find(results, 'batch_norm', 'fwd+bwd', shapes[0]) if shapes else None
+    label = 'x'.join(map(str, shapes[0])) if shapes else ''
+    rows.append((f'BatchNorm fwd+bwd {label} vs flax.linen default', ratio(bn, 'flax'), 0.7))
+    rows.append((f'BatchNorm fwd+bwd {label} vs flax.linen two-pass', ratio(bn, 'flax two-pass'),
+                 0.5))
+    for case in results['cases']:
+        if case['op'] in ('layer_norm', 'rms_norm') and case['mode'] == 'fwd+bwd':
+            name = {'layer_norm': 'LayerNorm', 'rms_norm': 'RMSNorm'}[case['op']]
+            dims = 'x'.join(map(str, case['shape']))
+            rows.append((f'{name} fwd+bwd {dims} {case["dtype"]} vs flax.linen', ratio(case, 'flax'),
+                         0.8))
+    for case in results['cases']:
+        if 'normlib' in case['times'] and case['mode'] == 'fwd+bwd':
+            rows.append((f'{case["name"]}: normlib vs bandwidth floor',
+                         case['times']['normlib'] / floor_seconds(case), 1.5))
+    memory = results.get('memory')
+    if memory:
+        rows.append(('training-step temporaries vs flax.linen',
+                     memory['temp']['normlib'] / memory['temp']['flax'], 0.7))
+    stability = results.get('stability', {}).get('normlib')
+    if stability:
+        worst = max(stability, key=float)
+        rows.append((f'|mean|/std = {float(worst):g}: max abs(std(y) - 1)', stability[worst], 1e-2))
+    return [(name, value, bound, None if value is None else value <= bound)
+            for name, value, bound in rows]
+
+
+def _timing_table(results: dict) -> list[str]:
+    libraries = [lib for lib in ANCHORS if any(lib in c['times'] for c in results['cases'])]
+    head = ['case', 'floor', 'normlib (x floor)'] + [f'{lib} (normlib / {lib})' for lib in libraries]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for case in results['cases']:
+        times, floor = case['times'], floor_seconds(case)
+        nl = times.get('normlib')
+        cells = [case['name'], _ms(floor),
+                 f'{_ms(nl)} ({nl / floor:.2f}x)' if nl else '-']
+        for lib in libraries:
+            t = times.get(lib)
+            cells.append('-' if t is None else f'{_ms(t)} ({nl / t:.2f}x)' if nl else _ms(t))
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    failed = [f'{case["name"]}: {lib} failed ({err})' for case in results['cases']
+              for lib, err in case.get('errors', {}).items()]
+    if failed:
+        lines += [''] + [f'- {line}' for line in failed]
+    return lines
+
+
+def _profile_table(results: dict) -> list[str]:
+    lines = ['| case | library | kernels over the array | of which reductions |'
+             ' arrays read | arrays written |', '|---|---|---|---|---|---|']
+    for case in results['cases']:
+        for lib, p in case.get('profile', {}).items():
+            lines.append(f'| {case["name"]} | {lib} | {p["kernels"]} | {p["reductions"]} |'
+                         f' {p["read"]:.1f} | {p["written"]:.1f} |')
+    return lines
+
+
+def _gpu_section(gpu: dict | None) -> list[str]:
+    if not gpu:
+        return ['No GPU run is recorded with this run.']
+    lines = [f'Device: {gpu["machine"]["device"]}; jax {gpu["versions"].get("jax")},'
+             f' flax {gpu["versions"].get("flax")}; {gpu["date"]}. Same harness'
+             f' (`python -m benchmarks`), median of {gpu["rounds"]} interleaved rounds, each'
+             ' sample a queue of calls lasting at least 20 ms. Effective bandwidth = the'
+             ' must-move bytes (see Floor) / time; the copy row is a jitted `x + 1`.', '',
+             '| case | copy GB/s | normlib GB/s | flax GB/s | flax two-pass GB/s |'
+             ' normlib / flax time |', '|---|---|---|---|---|---|']
+    for case in gpu['cases']:
+        must = case['floor_arrays'] * case['nbytes']
+        copy = 2 * case['nbytes'] / min(case['copy'].values()) / 1e9
+        rate = {lib: must / t / 1e9 for lib, t in case['times'].items()}
+        ratio = (case['times']['normlib'] / case['times']['flax']
+                 if 'flax' in case['times'] and 'normlib' in case['times'] else math.nan)
+        lines.append(f'| {case["name"]} | {copy:.0f} | {rate.get("normlib", math.nan):.0f} |'
+                     f' {rate.get("flax", math.nan):.0f} | {rate.get("flax two-pass", math.nan):.0f} |'
+                     f' {ratio:.2f}x |')
+    return lines
+
+
+def markdown(results: dict, gpu: dict | None = None, notes: str = '') -> str:
+    m, v = results['machine'], results['versions']
+    out = ['# normlib benchmarks', '',
+           f'Run {results["date"]} on {m["cpu"]} ({m["cores"]} cores, {m["memory_gib"]:.0f} GiB),'
+           f' {m["platform"]}; load average {results["load"][0]:.2f} at the start,'
+           f' {results["load"][1]:.2f} at the end.',
+           'Versions: ' + ', '.join(f'{k} {val}' for k, val in v.items()) + '.',
+           f'Each case: median of {results["rounds"]} interleaved rounds (every library once per'
+           ' round, in random order), in one process.'
+           ' Reproduce with `pip install -e ".[bench]" && python -m benchmarks`.', '',
+           f'Copy bandwidth (bytes read + written, {results["bandwidth"]["mib"]} MiB float32):'
+           + ', '.join(f' {k} {val:.1f} GB/s' for k, val in results['bandwidth']['gbs'].items())
+           + '.', '']
+    out += ['## Targets', '', '| target | measured | bound | |', '|---|---|---|---|']
+    for name, value, bound, met in targets(results):
+        shown = '-' if value is None else f'{value:.3g}' if value < 0.01 else f'{value:.2f}'
+        verdict = 'n/a' if met is None else 'met' if met else f'missed by {value / bound - 1:.0%}'
+        out.append(f'| {name} | {shown} | <= {bound:g} | {verdict} |')
+    if notes:
+        out += ['', notes.strip()]
+    out += ['', '## Timings (ms)', '',
+            'Floor: the bytes every implementation must move (forward: read x, write y;'
+            ' forward and backward: also read x and dy, write dx) at the copy bandwidth'
+            ' measured interleaved with that case (the faster of a jitted `x + 1` and'
+            ' `numpy.copyto`). In parentheses: normlib\'s time over the floor, and'
+            ' normlib\'s time over each anchor\'s (below 1: normlib is faster). flax is'
+            ' `flax.linen` with its default fast variance; equinox gets channels-first'
+            ' examples (its layout); torch is CPU PyTorch with channels-last activations;'
+            ' jax is the plain `x / max(norm(x), eps)`.', '']
+    out += _timing_table(results)
+    out += ['', '## Profile: what the compiled programs move', '',
+            'From XLA\'s optimized HLO of each fwd+bwd case: kernels (fusions and other'
+            ' instructions) that read or write at least half an array, how many of them'
+            ' are reductions, and the bytes all kernels read and write, in arrays of the'
+            ' input\'s size. The floor is 3 arrays read and 2 written.', '']
+    out += _profile_table(results)
+    memory = results.get('memory')
+    if memory:
+        out += ['', '## Training-step memory', '',
+                f'A jitted SGD step (forward, backward, update; parameters donated) of'
+                f' {memory["depth"]} x (Dense {memory["width"]} without bias, BatchNorm, ReLU)'
+                f' on a batch of {memory["batch"]}, flax.linen modules; normlib\'s layer is'
+                ' `normlib.linen.BatchNorm`. Temporaries: `compiled.memory_analysis()'
+                '.temp_size_in_bytes`. Step time: median of interleaved rounds.', '',
+                '| BatchNorm | temporaries (MiB) | vs flax | step (ms) | vs flax |',
+                '|---|---|---|---|---|']
+        for norm, temp in memory['temp'].items():
+            t = memory['times'][norm]
+            out.append(f'| {norm} | {temp / MIB:.1f} | {temp / memory["temp"]["flax"]:.2f}x |'
+                       f' {_ms(t)} | {t / memory["times"]["flax"]:.2f}x |')
+    stability = results.get('stability')
+    if stability:
+        ratios = sorted({r for errors in stability.values() for r in errors}, key=float)
+        out += ['', '## Stability', '',
+                'Batch norm (training mode) of float32 data with std 1 and mean |mean|/std;'
+                ' each cell is max over features of |std(y) - std(x)/sqrt(var(x) + eps)|.', '',
+                '| library | ' + ' | '.join(f'{float(r):g}' for r in ratios) + ' |',
+                '|---|' + '---|' * len(ratios)]
+        for lib, errors in stability.items():
+            out.append(f'| {lib} | ' + ' | '.join(f'{errors[r]:.2g}' for r in ratios) + ' |')
+    out += ['', '## GPU', ''] + _gpu_section(gpu)
+    out += ['', '![normlib vs the anchors, time over the bandwidth floor](results.png)', '']
+    return '\n'.join(out)
+
+
+def chart(results: dict, path: str) -> None:
+    """Time over the bandwidth floor, per case and library (log scale)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    libraries = ['normlib'] + [lib for lib in ANCHORS
+                               if any(lib in c['times'] for c in results['cases'])]
+    cases = results['cases']
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) * (1 + len(libraries) / 6) + 1.5))
+    height = 0.8 / len(libraries)
+    colors = plt.get_cmap('tab10')
+    for j, lib in enumerate(libraries):
+        ys, xs = [], []
+        for i, case in enumerate(cases):
+            if lib in case['times']:
+                ys.append(i + (j - (len(libraries) - 1) / 2) * height)
+                xs.append(case['times'][lib] / floor_seconds(case))
+        ax.barh(ys, xs, height=height, label=lib, color=colors(j),
+                edgecolor='black' if lib == 'normlib' else None)
+    ax.axvline(1, color='black', linewidth=1)
+    ax.axvline(1.5, color='grey', linewidth=1, linestyle='--')
+    ax.set_xscale('log')
+    ax.set_yticks(range(len(cases)), [c['name'] for c in cases], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel('time / bandwidth floor (1 = moving only the must-move bytes at copy speed;'
+                  ' dashed: 1.5)')
+    ax.set_title(f'normlib benchmarks, {results["machine"]["cpu"]}, {results["date"]}')
+    ax.legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
