@@ -64,15 +64,18 @@ def _trailing(axes, ndim):
 
 
 def _fresh(values, tag):
-    """``values`` (a tuple), hidden from XLA's common-subexpression elimination.
+    """``values`` (a tuple), hidden from XLA:CPU's common-subexpression elimination.
 
     XLA:CPU writes to memory an elementwise result that a reduction shares
     with another consumer, and runs each reduction as its own pass. Giving
     each pass its own copy of its operands lets it recompute the elementwise
     part in registers instead. XLA merges identical barriers, so each tag
-    rotates the operands differently. (The barriers are gone before fusion,
-    so backends that fuse sibling reductions still do.)
+    rotates the operands differently. GPUs fuse sibling reductions and their
+    consumers themselves, which the copies would prevent: there (judged by
+    the default backend) the values pass unchanged.
     """
+    if jax.default_backend() != 'cpu':
+        return values
     k = tag % len(values)
     rotated = jax.lax.optimization_barrier(values[k:] + values[:k])
     return rotated[len(values) - k:] + rotated[:len(values) - k]
