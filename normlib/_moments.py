@@ -117,10 +117,13 @@ def _shifted_moments(x, axes, mask, center, sweep=False):
     else:
         count = _sum(mask, axes).astype(dtype)
     safe = jnp.maximum(count, 1)
+    # Squares are divided by the count before summing, so a sum of n
+    # squares near the float32 limit cannot overflow a representable mean.
+    share = 1 / safe
     keep = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0))
     if not center:
         xs, = read()
-        var = _sum(keep(xs * xs), axes) / safe
+        var = _sum(keep(xs * xs) * share, axes)
         return count, jnp.zeros_like(var), jnp.zeros_like(var), var
     first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
     shift = x[first].astype(dtype)
@@ -132,11 +135,11 @@ def _shifted_moments(x, axes, mask, center, sweep=False):
         shift = shift + delta
         d = keep(x.astype(dtype) - shift)
         delta = _sum(d, axes) / safe
-        return shift, delta, jnp.maximum(_sum(d * d, axes) / safe - jnp.square(delta), 0)
+        return shift, delta, jnp.maximum(_sum(d * d * share, axes) - jnp.square(delta), 0)
 
     def passes(shift, delta):
         xs, pass_shift, pass_delta = read(shift, delta)
-        var = _sum(keep(jnp.square((xs - pass_shift) - pass_delta)), axes) / safe
+        var = _sum(keep(jnp.square((xs - pass_shift) - pass_delta)) * share, axes)
         far = jnp.any(jnp.square(delta) > _FAR * var)
         return jax.lax.cond(far, recenter, lambda *s: s, shift, delta, var)
 
@@ -316,6 +319,8 @@ def _backward(spec, residuals, cotangents):
         x_, dy, *small = _fresh((x, cotangents[0], shift, delta, inv), tag)
         dy = dy.astype(dtype)
         xhat = _standard(x_.astype(dtype), *small, spec.center)
+        if mask is not None:  # masked padding may hold NaN or inf; with no
+            xhat = jnp.where(mask | (dy != 0), xhat, 0)  # cotangent it adds nothing
         return xhat, dy if scale is None else dy * scale, dy
 
     def constant(p):  # along the reduced axes
