@@ -183,7 +183,10 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
     ``mean + (mu_B - mean) / (count + 1)``), likewise for ``var`` with
     ``sigma_B^2``, or ``sigma_B^2 * n / (n - 1)`` if ``unbiased_running_var``
     (PyTorch's convention). ``count`` grows by one. Features with no valid
-    entry keep their running statistics bit-for-bit. In evaluation mode, ``y``
+    entry keep their running statistics bit-for-bit. (``count`` is one number
+    for all features, so with ``momentum=None`` a feature masked out of a
+    whole batch is later averaged as if it had seen that batch; masks that
+    drop whole examples, as padding does, are exact.) In evaluation mode, ``y``
     uses the running statistics and the state is returned unchanged.
 
     Moments are float32 (or wider) for any input dtype, stable for data whose
