@@ -82,34 +82,34 @@ def _fresh(values, tag):
 
 
 # Re-center when the shift lies more than sqrt(_FAR) standard deviations from
-# the mean. Nearer shifts leave a relative error in the variance of at most
-# about _FAR times the square of the first pass's relative rounding error.
-_FAR = 1e4
+# the mean: below that, mean(d**2) - mean(d)**2 loses at most log10(_FAR)
+# digits to cancellation.
+_FAR = 1e2
 
 
 def _shifted_moments(x, axes, mask, center, sweep=False):
     """``(count, shift, delta, var)`` of one shard, kept dims; mean = shift + delta.
 
-    The first pass takes ``delta = mean(x - shift)`` around a shift, the
-    first valid element along ``axes`` (else 0). Keeping the mean split as
+    Both moments are taken around a shift, the first valid element along
+    ``axes`` (else 0): ``delta = mean(x - shift)`` and
+    ``var = mean((x - shift)**2) - delta**2``. Keeping the mean split as
     ``shift + delta`` keeps ``x - mean`` exact in float32 for any offset.
 
-    Re-centering takes ``d = x - shift`` around ``shift + delta``, which is
-    exact for data near the mean, and the corrected two-pass moments
-    ``mean(d)`` and ``mean(d**2) - mean(d)**2``. With ``sweep`` (XLA fuses
-    every pass over a row into one sweep, so passes are free) it is always
-    done. Otherwise each reduction costs a pass over ``x``: the second pass
-    is ``var = mean((x - shift - delta)**2)``, whose only error beyond
-    rounding is the square of ``delta``'s rounding error, and re-centering
-    (two more passes) runs only when the shift lies far from the mean (an
-    outlier, a masked first element).
+    Re-centering repeats this around ``shift + delta``, where
+    ``x - shift`` is exact for data near the mean and ``delta`` is tiny.
+    With ``sweep`` (XLA fuses every pass over a row into one sweep, so
+    passes are free) it is always done. Otherwise each reduction costs a
+    pass over ``x``; the two sums are independent, so XLA:CPU runs them
+    concurrently, and re-centering (two more passes) runs only when the
+    shift lies far from the mean (an outlier, a masked first element),
+    where the subtraction would cancel digits.
 
     Without ``center``, shift and delta are 0 and ``var = mean(x**2)``.
     """
     dtype = compute_dtype(x.dtype)
 
-    def read(*small):  # x in the compute dtype and small operands, private to one pass
-        x_, *small = (x, *small) if sweep else _fresh((x, *small), 0)
+    def read(*small, tag=0):  # x in the compute dtype and small operands, private to one pass
+        x_, *small = (x, *small) if sweep else _fresh((x, *small), tag)
         return (x_.astype(dtype), *small)
 
     if mask is None:
@@ -138,10 +138,10 @@ def _shifted_moments(x, axes, mask, center, sweep=False):
         return shift, delta, jnp.maximum(_sum(d * d * share, axes) - jnp.square(delta), 0)
 
     def passes(shift, delta):
-        xs, pass_shift, pass_delta = read(shift, delta)
-        var = _sum(keep(jnp.square((xs - pass_shift) - pass_delta)) * share, axes)
+        xs, pass_shift = read(shift, tag=1)
+        var = _sum(keep(jnp.square(xs - pass_shift)) * share, axes) - jnp.square(delta)
         far = jnp.any(jnp.square(delta) > _FAR * var)
-        return jax.lax.cond(far, recenter, lambda *s: s, shift, delta, var)
+        return jax.lax.cond(far, recenter, lambda *s: s, shift, delta, jnp.maximum(var, 0))
 
     if sweep:
         shift, delta, var = recenter(shift, delta)
