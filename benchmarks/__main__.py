@@ -1,8 +1,9 @@
-"""``python -m benchmarks [--smoke] [--out DIR] [--rounds N] [--gpu RESULTS.json]``.
+"""``python -m benchmarks [--smoke] [--out DIR] [--rounds N] [--gpu JSON] [--report JSON]``.
 
 Times every case, then writes ``results.json``, ``RESULTS.md`` and
 ``results.png`` to ``--out`` (default: this package's folder). ``--gpu``
-adds the GPU section from a ``results.json`` written by a run on a GPU.
+adds the GPU section from a ``results.json`` written by a run on a GPU;
+``--report`` rewrites the report of an earlier run without timing anything.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tqdm
 from benchmarks import _cases, _hlo, _memory, _report, _stability, _timing
 
 NOTES = pathlib.Path(__file__).with_name('NOTES.md')
+GPU_RESULTS = pathlib.Path(__file__).with_name('gpu_results.json')
 SMOKE_LIBRARIES = ('normlib', 'flax', 'flax two-pass', 'torch', 'jax')
 
 
@@ -105,16 +107,22 @@ def main(argv=None) -> int:
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path(__file__).parent,
                         help='folder for results.json, RESULTS.md and results.png')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds per case')
-    parser.add_argument('--gpu', type=pathlib.Path, default=None,
-                        help='results.json of a GPU run, for the GPU section')
+    parser.add_argument('--gpu', type=pathlib.Path, default=GPU_RESULTS,
+                        help='results.json of a GPU run, for the GPU section'
+                             ' (default: the recorded one, if any)')
+    parser.add_argument('--report', type=pathlib.Path, default=None,
+                        help='results.json of an earlier run: only write its report')
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.smoke else 21)
-    gpu_device = jax.default_backend() != 'cpu'
-    results = run(args.smoke, rounds, min_sample_s=0.02 if gpu_device else 0.0)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        results = json.loads(args.report.read_text())
+    else:
+        rounds = args.rounds or (2 if args.smoke else 21)
+        gpu_device = jax.default_backend() != 'cpu'
+        results = run(args.smoke, rounds, min_sample_s=0.02 if gpu_device else 0.0)
     (args.out / 'results.json').write_text(json.dumps(results, indent=1))
-    gpu = json.loads(args.gpu.read_text()) if args.gpu else None
-    notes = NOTES.read_text() if NOTES.exists() and not args.smoke else ''
+    gpu = json.loads(args.gpu.read_text()) if args.gpu and args.gpu.exists() else None
+    notes = NOTES.read_text() if NOTES.exists() and not results['smoke'] else ''
     (args.out / 'RESULTS.md').write_text(_report.markdown(results, gpu, notes))
     _report.chart(results, str(args.out / 'results.png'))
     for name, value, bound, met in _report.targets(results):
