@@ -38,6 +38,10 @@ def lp_normalize(x, p: float = 2.0, *, axis=-1, epsilon: float = 1e-12) -> jax.A
         norm = jnp.max(magnitude, axis=axes, keepdims=True)
     elif p == 1:
         norm = jnp.sum(magnitude, axis=axes, keepdims=True)
+    elif p == 2:  # x * x has a finite gradient at 0: only the root needs guarding
+        total = jnp.sum(xf * xf, axis=axes, keepdims=True)
+        positive = total > 0
+        norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), 0)
     else:
         # Both wheres keep the gradient finite where x or the norm is 0.
         nonzero = magnitude > 0
