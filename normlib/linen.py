@@ -379,5 +379,53 @@ class L1Normalize(nn.Module):
         return normlib.l1_normalize(x, axis=self.axis, epsilon=self.epsilon)
 
 
+def fold_batch_norms(variables, pairs, *, epsilon: float = 1e-5):
+    """Folds evaluation-mode BatchNorms into the Dense or Conv layers before them.
+
+    For a model whose layer at path ``layer`` feeds a BatchNorm at path
+    ``bn`` (``pairs = {layer: bn}``, paths as tuples of module names or
+    ``'/'``-joined strings), returns variables for the same model with those
+    BatchNorms removed and the layers given a bias (``use_bias=True``):
+    ``kernel`` and ``bias`` are :func:`normlib.fold_batch_norm` of the layer's
+    and the BatchNorm's variables, and the BatchNorms' ``params`` and
+    ``batch_stats`` are dropped. The layers must put the features last.
+
+    Args:
+      variables: ``{'params': ..., 'batch_stats': ...}`` of the model.
+      pairs: layer path -> BatchNorm path.
+      epsilon: the BatchNorms' epsilon (Flax's default is 1e-5).
+    """
+    def path(p):
+        return tuple(p.split('/')) if isinstance(p, str) else tuple(p)
+
+    def get(tree, p):
+        for key in p:
+            tree = tree[key]
+        return tree
+
+    def drop(tree, p):
+        if len(p) == 1:
+            return {k: v for k, v in tree.items() if k != p[0]}
+        return {**tree, p[0]: drop(tree[p[0]], p[1:])}
+
+    def put(tree, p, value):
+        if not p:
+            return value
+        return {**tree, p[0]: put(tree.get(p[0], {}), p[1:], value)}
+
+    params, stats = dict(variables['params']), dict(variables.get('batch_stats', {}))
+    for layer, bn in pairs.items():
+        layer, bn = path(layer), path(bn)
+        dense, norm, running = get(params, layer), get(params, bn), get(stats, bn)
+        state = normlib.BatchNormState(running['mean'], running['var'],
+                                       running.get('count', jnp.zeros((), jnp.int32)))
+        kernel, bias = normlib.fold_batch_norm(dense['kernel'], dense.get('bias'), state,
+                                               norm.get('scale'), norm.get('bias'),
+                                               epsilon=epsilon)
+        params = drop(put(params, layer, {**dense, 'kernel': kernel, 'bias': bias}), bn)
+        stats = drop(stats, bn)
+    return {**variables, 'params': params, 'batch_stats': stats}
+
+
 __all__ = ['BatchNorm', 'GroupNorm', 'InstanceNorm', 'L1Normalize', 'L2Normalize',
-           'LayerNorm', 'RMSNorm']
+           'LayerNorm', 'RMSNorm', 'fold_batch_norms']

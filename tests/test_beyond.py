@@ -266,3 +266,32 @@ def test_l1_batch_norm_gradients_and_devices():
             lambda x: jnp.sum(jnp.sin(normlib.l1_batch_norm(
                 x, normlib.init_batch_norm(3, jnp.float64), training=True)[0])),
             (x64,), order=2, modes=['rev'])
+
+
+def test_fold_a_whole_linen_model():
+    from flax import linen as nn
+    from normlib import linen as norm
+
+    class Net(nn.Module):
+        fold: bool = False
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(6, (3, 3), use_bias=self.fold, name='conv')(x)
+            if not self.fold:
+                x = norm.BatchNorm(use_running_average=True, name='bn')(x)
+            x = nn.relu(x).mean((1, 2))
+            x = nn.Dense(4, name='dense')(x)
+            if not self.fold:
+                x = norm.BatchNorm(use_running_average=True, name='bn2')(x)
+            return x
+
+    rng = _rng(10)
+    x = jnp.asarray(rng.standard_normal((3, 5, 5, 2)), jnp.float32)
+    variables = Net().init(jax.random.key(0), x)
+    # Non-trivial statistics and affine parameters.
+    variables = jax.tree.map(lambda v: v + jnp.asarray(rng.random(v.shape), v.dtype), variables)
+    folded = norm.fold_batch_norms(variables, {'conv': 'bn', 'dense': 'bn2'})
+    assert set(folded['params']) == {'conv', 'dense'} and folded['batch_stats'] == {}
+    np.testing.assert_allclose(Net(fold=True).apply(folded, x), Net().apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
