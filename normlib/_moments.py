@@ -155,17 +155,6 @@ def _shifted_moments(x, axes, mask, center, sweep=False):
     return count, shift, delta, var
 
 
-def local_moments(x, axes, mask, center=True):
-    """Count, mean and biased variance of one shard, kept dims.
-
-    Stable for any offset (see :func:`_shifted_moments`); masked entries are
-    left out, and a shard without valid entries has mean and variance 0.
-    Without ``center`` the mean is 0 and ``var`` is ``mean(x**2)``.
-    """
-    count, shift, delta, var = _shifted_moments(x, axes, mask, center, sweep=False)
-    return count, shift + delta, var
-
-
 def _gather(stats, axis_name, groups, sizes=None):
     """The ``stats`` of every shard in this shard's group, stacked, in one psum.
 
@@ -221,17 +210,6 @@ def _merge(count, shift, delta, var, axis_name, groups, sizes=None):
     count = jnp.broadcast_to(count, var.shape)
     parts = _gather(jnp.stack([count, shift, delta, var]), axis_name, groups, sizes)
     return combine(parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3])
-
-
-def merge_moments(count, mean, var, axis_name, groups=None):
-    """Moments of the union of all shards along ``axis_name``, in one collective.
-
-    Chan, Golub & LeVeque (1979): with weights ``w_i = n_i / N``,
-    ``mean = sum_i w_i mean_i`` and
-    ``var = sum_i w_i (var_i + (mean_i - mean)**2)``.
-    """
-    total, shift, delta, var = _merge(count, mean, jnp.zeros_like(mean), var, axis_name, groups)
-    return total, shift + delta, var
 
 
 def _shifted(x, axes, mask, center, axis_name, groups, sizes=None, sweep=False):
