@@ -15,9 +15,17 @@ from normlib.lp_norm import l1_normalize
 from normlib.lp_norm import l2_normalize
 from normlib.lp_norm import lp_normalize
 from normlib.precise import precise_batch_stats
-from normlib.precise import precise_linen
-from normlib.precise import precise_nnx
 from normlib._weight_decay import weight_decay_mask
+
+_FLAX_HELPERS = ('precise_linen', 'precise_nnx')
+
+
+def __getattr__(name):
+    # The Flax helpers load Flax, which `import normlib` alone does not.
+    if name in _FLAX_HELPERS:
+        from normlib import precise_flax
+        return getattr(precise_flax, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 __version__ = '0.1.0'
 

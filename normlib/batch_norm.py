@@ -95,8 +95,7 @@ class _Call(NamedTuple):
     broadcast: tuple[int, ...]
     epsilon: float
     momentum: float | None
-    axis_name: tuple | None
-    axis_index_groups: tuple | None
+    sync: _moments.Sync | None
 
 
 def _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
@@ -112,7 +111,7 @@ def _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_n
         x, _params('scale', scale, features, broadcast), _params('bias', bias, features, broadcast),
         None if mask is None else _checks.mask(mask, x.shape), feature_axes, features, broadcast,
         _checks.positive('epsilon', epsilon), _checks.momentum(momentum),
-        *_checks.axis_name(axis_name, axis_index_groups))
+        _moments.Sync.of(*_checks.axis_name(axis_name, axis_index_groups)))
 
 
 def _evaluate(call, state):
@@ -123,10 +122,10 @@ def _evaluate(call, state):
 def _standardize(call, scale, bias):
     """Training-mode normalization; returns y and the batch's (count, mean, var)."""
     reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
-    spec = _moments.Spec(reduced, call.epsilon, True, call.axis_name, call.axis_index_groups)
-    y, *moments = _moments.standardize(spec, call.x, scale, bias, call.mask)
-    return y, tuple(jnp.broadcast_to(jax.lax.stop_gradient(m), call.broadcast).reshape(call.features)
-                    for m in moments)
+    y, m = _moments.standardize(call.x, scale, bias, axes=reduced, epsilon=call.epsilon,
+                                mask=call.mask, sync=call.sync)
+    return y, tuple(jnp.broadcast_to(jax.lax.stop_gradient(v), call.broadcast).reshape(call.features)
+                    for v in (m.count, m.mean, m.var))
 
 
 def _ghost(call, size, unbiased):
@@ -147,17 +146,16 @@ def _ghost(call, size, unbiased):
     chunked = lambda a: None if a is None else a.reshape((n // size, size) + a.shape[1:])
     lift = lambda a: None if a is None else a[None]
     reduced = tuple(i + 1 for i in range(x.ndim) if i not in call.feature_axes and i != 0) + (1,)
-    spec = _moments.Spec(tuple(sorted(reduced)), call.epsilon, True)
-    y, count, mean, var = _moments.standardize(spec, chunked(x), lift(call.scale),
-                                               lift(call.bias), chunked(call.mask))
-    count, mean, var = (jax.lax.stop_gradient(jnp.broadcast_to(m, mean.shape[:1] + call.broadcast))
-                        .reshape((-1,) + call.features) for m in (count, mean, var))
+    y, m = _moments.standardize(chunked(x), lift(call.scale), lift(call.bias),
+                                axes=tuple(sorted(reduced)), epsilon=call.epsilon,
+                                mask=chunked(call.mask))
+    count, mean, var = (jax.lax.stop_gradient(jnp.broadcast_to(v, m.var.shape[:1] + call.broadcast))
+                        .reshape((-1,) + call.features) for v in (m.count, m.mean, m.var))
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
     used = (count > 0).astype(mean.dtype)
     totals = jnp.stack([jnp.sum(used * m, axis=0) for m in (used, mean, var)])
-    if call.axis_name is not None:
-        totals = _moments.group_sum(totals, call.axis_name, call.axis_index_groups)
+    totals = _moments.group_sum(totals, call.sync)
     chunks = jnp.maximum(totals[0], 1)
     return y.reshape(x.shape), (totals[0], totals[1] / chunks, totals[2] / chunks)
 
@@ -319,11 +317,10 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
         return _evaluate(call, state), state
     reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
     xf = call.x.astype(_moments.compute_dtype(call.x.dtype))
-    count, mean, _ = _moments.moments(xf, reduced, mask=call.mask, axis_name=call.axis_name,
-                                      axis_index_groups=call.axis_index_groups)
-    spread = _moments.mean_absolute_deviation(
-        xf, reduced, mean, mask=call.mask, count=count, axis_name=call.axis_name,
-        axis_index_groups=call.axis_index_groups)
+    m = _moments.moments(xf, reduced, mask=call.mask, sync=call.sync)
+    count, mean = m.count, m.mean
+    spread = _moments.mean_absolute_deviation(xf, reduced, mean, mask=call.mask, count=count,
+                                              sync=call.sync)
     var = (math.pi / 2) * jnp.square(spread)
     y = _moments.normalize(call.x, mean, var, call.scale, call.bias, epsilon=call.epsilon)
     count, mean, var = (jnp.broadcast_to(jax.lax.stop_gradient(m), call.broadcast)

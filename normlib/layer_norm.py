@@ -33,9 +33,9 @@ def _standardize(x, scale, bias, *, axes, epsilon, center, mask, axis_name, axis
     epsilon = _checks.positive('epsilon', epsilon)
     if mask is not None:
         mask = _checks.mask(mask, x.shape)
-    names, groups = _checks.axis_name(axis_name, axis_index_groups)
-    spec = _moments.Spec(axes, epsilon, center, names, groups)
-    return _moments.standardize(spec, x, scale, bias, mask)[0]
+    sync = _moments.Sync.of(*_checks.axis_name(axis_name, axis_index_groups))
+    return _moments.standardize(x, scale, bias, axes=axes, epsilon=epsilon, center=center,
+                                mask=mask, sync=sync)[0]
 
 
 def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask=None,

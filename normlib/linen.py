@@ -20,8 +20,10 @@ from flax import linen as nn
 from flax.linen import dtypes
 from flax.typing import Axes, Dtype, Initializer
 
-import normlib
 from normlib import _checks
+from normlib.batch_norm import BatchNormState, batch_norm, fold_batch_norm
+from normlib.layer_norm import group_norm, instance_norm, layer_norm, rms_norm
+from normlib.lp_norm import l1_normalize, l2_normalize
 
 _zeros = nn.initializers.zeros
 _ones = nn.initializers.ones
@@ -138,10 +140,10 @@ class BatchNorm(nn.Module):
                  if self.momentum is None else None)
         scale, bias = _affine(self, features)
         x, out_dtype = _promote(x, (scale, bias), self.dtype)
-        state = normlib.BatchNormState(
+        state = BatchNormState(
             mean.value, var.value, jnp.zeros((), jnp.int32) if count is None else count.value)
         initializing = self.is_initializing()
-        y, state = normlib.batch_norm(
+        y, state = batch_norm(
             x, state, scale, bias, training=not use_running_average, axis=self.axis,
             momentum=self.momentum, epsilon=self.epsilon,
             axis_name=None if initializing else self.axis_name,
@@ -194,7 +196,7 @@ class LayerNorm(nn.Module):
         x, out_dtype = _promote(x, (scale, bias), self.dtype)
         scale, bias = (_lay_out(p, x.shape, features, reduced, 'feature_axes')
                        for p in (scale, bias))
-        return normlib.layer_norm(
+        return layer_norm(
             x, scale, bias, axis=reduced, epsilon=self.epsilon, mask=mask,
             **_given(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups),
         ).astype(out_dtype)
@@ -236,7 +238,7 @@ class RMSNorm(nn.Module):
         scale = (self.param('scale', self.scale_init, _checks.features_of(x.shape, features),
                             self.param_dtype) if self.use_scale else None)
         x, out_dtype = _promote(x, (scale,), self.dtype)
-        return normlib.rms_norm(
+        return rms_norm(
             x, _lay_out(scale, x.shape, features, reduced, 'feature_axes'), axis=reduced,
             epsilon=self.epsilon, mask=mask,
             **_given(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups),
@@ -294,7 +296,7 @@ class GroupNorm(nn.Module):
                 spatial = reduced[:-1]
         scale, bias = _affine(self, (channels,))
         x, out_dtype = _promote(x, (scale, bias), self.dtype)
-        return normlib.group_norm(
+        return group_norm(
             x, scale, bias, num_groups=num_groups, epsilon=self.epsilon,
             **_given(axis=spatial, mask=mask, axis_name=self.axis_name,
                      axis_index_groups=self.axis_index_groups),
@@ -340,7 +342,7 @@ class InstanceNorm(nn.Module):
         scale, bias = _affine(self, _checks.features_of(x.shape, features))
         x, out_dtype = _promote(x, (scale, bias), self.dtype)
         channels_last = features == (x.ndim - 1,)
-        return normlib.instance_norm(
+        return instance_norm(
             x, scale, bias, epsilon=self.epsilon,
             **_given(axis=None if channels_last else features, mask=mask,
                      axis_name=self.axis_name, axis_index_groups=self.axis_index_groups),
@@ -360,7 +362,7 @@ class L2Normalize(nn.Module):
     epsilon: float = 1e-12
 
     def __call__(self, x):
-        return normlib.l2_normalize(x, axis=self.axis, epsilon=self.epsilon)
+        return l2_normalize(x, axis=self.axis, epsilon=self.epsilon)
 
 
 class L1Normalize(nn.Module):
@@ -376,7 +378,7 @@ class L1Normalize(nn.Module):
     epsilon: float = 1e-12
 
     def __call__(self, x):
-        return normlib.l1_normalize(x, axis=self.axis, epsilon=self.epsilon)
+        return l1_normalize(x, axis=self.axis, epsilon=self.epsilon)
 
 
 def fold_batch_norms(variables, pairs, *, epsilon: float = 1e-5):
@@ -417,9 +419,9 @@ def fold_batch_norms(variables, pairs, *, epsilon: float = 1e-5):
     for layer, bn in pairs.items():
         layer, bn = path(layer), path(bn)
         dense, norm, running = get(params, layer), get(params, bn), get(stats, bn)
-        state = normlib.BatchNormState(running['mean'], running['var'],
+        state = BatchNormState(running['mean'], running['var'],
                                        running.get('count', jnp.zeros((), jnp.int32)))
-        kernel, bias = normlib.fold_batch_norm(dense['kernel'], dense.get('bias'), state,
+        kernel, bias = fold_batch_norm(dense['kernel'], dense.get('bias'), state,
                                                norm.get('scale'), norm.get('bias'),
                                                epsilon=epsilon)
         params = drop(put(params, layer, {**dense, 'kernel': kernel, 'bias': bias}), bn)

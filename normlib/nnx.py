@@ -34,8 +34,9 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Axes, Dtype, Initializer
 
-import normlib
 from normlib import _checks
+from normlib.batch_norm import BatchNormState, batch_norm
+from normlib.layer_norm import group_norm, instance_norm, layer_norm, rms_norm
 from normlib.linen import _given, _group_count, _lay_out
 
 _zeros = nnx.initializers.zeros_init()
@@ -154,10 +155,10 @@ class BatchNorm(nnx.Module):
             dtype=self.dtype)
         features = _checks.features_of(x.shape, _checks.axes('axis', self.axis, x.ndim))
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
-        state = normlib.BatchNormState(
+        state = BatchNormState(
             _features(self.mean[...], features, 'features'),
             _features(self.var[...], features, 'features'), count)
-        y, state = normlib.batch_norm(
+        y, state = batch_norm(
             x, state, _features(scale, features, 'features'),
             _features(bias, features, 'features'), training=not use_running_average,
             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
@@ -268,7 +269,7 @@ class LayerNorm(_PerExample):
         shape = _checks.features_of(x.shape, features)
         scale, bias = (_lay_out(_features(p, shape, 'feature_axes'), x.shape, features, reduced,
                                 'feature_axes') for p in (scale, bias))
-        return normlib.layer_norm(x, scale, bias, axis=reduced, epsilon=self.epsilon, mask=mask,
+        return layer_norm(x, scale, bias, axis=reduced, epsilon=self.epsilon, mask=mask,
                                   **self._collectives())
 
 
@@ -330,7 +331,7 @@ class RMSNorm(nnx.Module):
         features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
         scale = _lay_out(_features(scale, _checks.features_of(x.shape, features), 'feature_axes'),
                          x.shape, features, reduced, 'feature_axes')
-        return normlib.rms_norm(x, scale, axis=reduced, epsilon=self.epsilon, mask=mask,
+        return rms_norm(x, scale, axis=reduced, epsilon=self.epsilon, mask=mask,
                                 **_given(axis_name=self.axis_name,
                                          axis_index_groups=self.axis_index_groups))
 
@@ -408,7 +409,7 @@ class GroupNorm(_PerExample):
                     ' (channel) axis.')
             if reduced[:-1] != tuple(range(1, x.ndim - 1)):
                 spatial = reduced[:-1]
-        return normlib.group_norm(
+        return group_norm(
             x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
             **_given(axis=spatial, mask=mask), **self._collectives())
 
@@ -471,7 +472,7 @@ class InstanceNorm(_PerExample):
                 f'feature_axes={self.feature_axes!r} must not include axis 0, the batch axis.')
         shape = _checks.features_of(x.shape, features)
         channels_last = features == (x.ndim - 1,)
-        return normlib.instance_norm(
+        return instance_norm(
             x, _features(scale, shape, 'feature_axes'), _features(bias, shape, 'feature_axes'),
             epsilon=self.epsilon,
             **_given(axis=None if channels_last else features, mask=mask),
