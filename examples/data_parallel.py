@@ -126,6 +126,9 @@ def train(mode, data, steps, batch, lr, seed):
         idx = order[i * batch:(i + 1) * batch]
         params, states, opt_state = step(params, states, opt_state, images[idx],
                                          data.y_train[idx])
+        # One step in flight at a time: XLA:CPU's virtual devices can
+        # deadlock in a collective when many queued steps share its threads.
+        jax.block_until_ready(params)
     return params, states
 
 

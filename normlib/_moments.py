@@ -34,6 +34,8 @@ from normlib import _schedule
 class Moments(NamedTuple):
     """Count, mean and biased variance of the valid entries, per feature.
 
+    All four fields have the same shape.
+
     The mean is kept as the sum ``shift + delta`` of a value near the data
     (``shift``) and a small correction (``delta``): for data whose mean is far
     larger than its spread, ``(x - shift) - delta`` is exact where
@@ -89,8 +91,9 @@ def _part_moments(x, axes, mask, center) -> Moments:
     # squares near the float32 limit cannot overflow a representable mean.
     share = 1 / jnp.maximum(count, 1)
     if not center:
-        zero = jnp.zeros_like(count)
-        return Moments(count, zero, zero, _sum(keep(xf * xf * share), axes))
+        var = _sum(keep(xf * xf * share), axes)
+        zero = jnp.zeros_like(var)
+        return Moments(jnp.broadcast_to(count, var.shape), zero, zero, var)
     first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
     anchor = xf[first] if mask is None else jnp.where(mask[first], xf[first], 0)
     anchor = jax.lax.stop_gradient(anchor + _sum(keep(xf - anchor), axes) * share)
@@ -98,7 +101,7 @@ def _part_moments(x, axes, mask, center) -> Moments:
     delta = _sum(keep(x1 - anchor1), axes) * share
     x2, anchor2 = _schedule.private((xf, anchor), 2)
     var = jnp.maximum(_sum(keep(jnp.square(x2 - anchor2) * share), axes) - delta * delta, 0)
-    return Moments(count, anchor, delta, var)
+    return Moments(jnp.broadcast_to(count, var.shape), anchor, delta, var)
 
 
 def merge(parts: Moments) -> Moments:
@@ -185,8 +188,7 @@ def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None) -> Mom
     local = _part_moments(x, axes, mask, center)
     if sync is None:
         return local
-    stacked = _gather(jnp.stack([jnp.broadcast_to(v, local.var.shape) for v in local]),
-                      sync.axis_name, sync.groups, sync.sizes)
+    stacked = _gather(jnp.stack(local), sync.axis_name, sync.groups, sync.sizes)
     return merge(Moments(*jnp.moveaxis(stacked, 1, 0)))
 
 
