@@ -67,17 +67,49 @@ def _sum(x, axes):
     return jnp.sum(x, axis=axes, keepdims=True)
 
 
+# The anchor of dense data is the mean of this many entries spread over the
+# reduced axes: within a fraction of a standard deviation of the mean unless
+# the data are laid out against the sample.
+_SAMPLE = 256
+
+
+def _anchor(xf, axes, mask, keep, share):
+    """A float32 value next to the mean of the valid entries, kept dims.
+
+    Dense data reduced over leading axes (batch statistics, where each
+    feature's entries are spread over memory): the mean of up to ``_SAMPLE``
+    entries at fixed positions spread over the reduced axes (all of them,
+    for small inputs), which costs no pass over ``x``. Otherwise (masked
+    data, rows of per-example statistics): the first valid entry (else 0)
+    moved by the mean deviation from it, one pass, which XLA fuses with the
+    others over a row, so the anchor is near the valid entries however few
+    they are.
+    """
+    if mask is None and axes and tuple(axes) == tuple(range(len(axes))):
+        sizes = [xf.shape[a] for a in axes]
+        total = int(np.prod(sizes))
+        m = min(total, _SAMPLE)
+        # Evenly spread positions, each jittered within its stride so that a
+        # sample does not line up with a period of the layout (image corners).
+        flat = (np.arange(m) * total) // m + (np.arange(m) * 40503) % max(total // m, 1)
+        positions = iter(np.unravel_index(flat, sizes))
+        sample = xf[tuple(next(positions) if i in axes else slice(None) for i in range(xf.ndim))]
+        return jnp.mean(sample, axis=0).reshape((1,) * len(axes) + sample.shape[1:])
+    first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(xf.ndim))
+    anchor = xf[first] if mask is None else jnp.where(mask[first], xf[first], 0)
+    return anchor + _sum(keep(xf - anchor), axes) * share
+
+
 def _part_moments(x, axes, mask, center) -> Moments:
     """The :class:`Moments` of one part over ``axes`` (kept dims).
 
-    Centered, the corrected two-pass algorithm around an anchor: the anchor
-    starts at the first valid entry along ``axes`` (else 0) and moves to
-    ``first + mean(x - first)``, a float32 value next to the mean; then, with
-    ``d = x - anchor``, ``delta = mean(d)`` and ``var = mean(d**2) - delta**2``.
-    ``d`` is exact for data near the mean at any offset, and ``delta`` is tiny,
-    so nothing cancels: the moments are at least as accurate as the plain
-    float32 two-pass ``mean(x)``, ``mean((x - mean(x))**2)``, wherever the
-    data sit.
+    Centered, the corrected two-pass algorithm around an anchor, a float32
+    value next to the mean (:func:`_anchor`): with ``d = x - anchor``,
+    ``delta = mean(d)`` and ``var = mean(d**2) - delta**2``. ``d`` is exact
+    for data near the mean at any offset, and ``delta`` is small against the
+    spread, so nothing cancels: the moments are as accurate as the plain
+    float32 two-pass ``mean(x)``, ``mean((x - mean(x))**2)`` wherever the
+    data sit, and far more accurate at large offsets.
     """
     dtype = compute_dtype(x.dtype)
     xf = x.astype(dtype)
@@ -94,9 +126,7 @@ def _part_moments(x, axes, mask, center) -> Moments:
         var = _sum(keep(xf * xf * share), axes)
         zero = jnp.zeros_like(var)
         return Moments(jnp.broadcast_to(count, var.shape), zero, zero, var)
-    first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-    anchor = xf[first] if mask is None else jnp.where(mask[first], xf[first], 0)
-    anchor = jax.lax.stop_gradient(anchor + _sum(keep(xf - anchor), axes) * share)
+    anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, share))
     x1, anchor1 = _schedule.private((xf, anchor), 1)
     delta = _sum(keep(x1 - anchor1), axes) * share
     x2, anchor2 = _schedule.private((xf, anchor), 2)

@@ -308,3 +308,18 @@ def test_batch_renorm_forward_mode_agrees_with_reverse_mode():
         def f(x):
             return normlib.batch_renorm(x, state, training=True, r_max=3.0, d_max=5.0)[0]
         np.testing.assert_allclose(jax.jacfwd(f)(x), jax.jacrev(f)(x), rtol=1e-9, atol=1e-12)
+
+
+def test_batch_moments_exact_when_every_image_has_the_same_outlying_pixels():
+    # Structured data: the first pixel row of every image sits 20 std out.
+    # The dense anchor is a spread sample, so it does not sit on such a row.
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((64, 16, 16, 4))
+    z[:, 0] += 20
+    for offset in (0.0, 1e4):
+        x = (z + offset).astype(np.float32)
+        mean, var = _spy(CASES['batch_norm NHWC'][2], jnp.asarray(x), None)
+        ref_mean, ref_var, flax_mean, flax_var = _reference(x, (0, 1, 2), None, True)
+        ours, flax = _errors(mean, var, ref_mean, ref_var), _errors(flax_mean, flax_var,
+                                                                    ref_mean, ref_var)
+        assert ours[0] <= max(1e-6, 2 * flax[0]) and ours[1] <= max(1e-6, 2 * flax[1]), (ours, flax)
