@@ -4,19 +4,23 @@ Every normalizer in normlib (batch, layer, RMS, group and instance norm, and
 the batch-norm variants) goes through this module:
 
 1. :func:`moments` takes the count, mean and biased variance of the valid
-   entries of each part of the data (a block of the batch, a device's shard)
-   with a corrected two-pass algorithm around an anchor near the mean;
-2. :func:`merge` combines parts with Chan et al.'s formula, so blocks, shards
-   and batches over time give the moments of their union; across named axes
-   this takes one collective;
+   entries with the corrected two-pass algorithm around an anchor near the
+   mean, and merges the shards of named axes in one collective;
+2. :func:`merge` combines parts with Chan et al.'s formula, so shards and
+   batches over time (precise statistics) give the moments of their union;
 3. :func:`standardize` normalizes with the moments. Its custom JVP is linear
    in the tangents, so JAX derives the reverse pass by transposition: forward
    and reverse mode, at any order, with a backward pass that saves ``x`` and
    per-feature vectors only and synchronizes devices once.
 
-The algorithm is the same for every input: no branch depends on the data.
-How a reduction is split into blocks for a backend lives in
-:mod:`normlib._schedule`, and every split gives the same numbers to rounding.
+No branch depends on the data. What is shaped for a backend (each pass's
+private copy of its operands on CPU) lives in :mod:`normlib._schedule` and
+changes no number.
+
+References:
+  Chan, Golub & LeVeque, `Algorithms for computing the sample variance:
+  analysis and recommendations <https://doi.org/10.1080/00031305.1983.10483115>`_,
+  1983 (the corrected two-pass algorithm and the pairwise merge).
 """
 
 from __future__ import annotations
@@ -135,14 +139,14 @@ def _part_moments(x, axes, mask, center) -> Moments:
 
 
 def merge(parts: Moments) -> Moments:
-    """Chan et al.'s merge of moments stacked along axis 0.
+    r"""Chan et al.'s merge of moments stacked along axis 0.
 
     Part ``i`` holds ``count[i]`` entries with mean ``shift[i] + delta[i]``
     and biased variance ``var[i]``; the result is the moments of their union:
 
     .. math::
-      n = \\sum_i n_i,\\quad \\mu = \\sum_i \\frac{n_i}{n} \\mu_i,\\quad
-      \\sigma^2 = \\sum_i \\frac{n_i}{n} \\big(\\sigma_i^2 + (\\mu_i - \\mu)^2\\big)
+      n = \sum_i n_i,\quad \mu = \sum_i \frac{n_i}{n} \mu_i,\quad
+      \sigma^2 = \sum_i \frac{n_i}{n} \big(\sigma_i^2 + (\mu_i - \mu)^2\big)
 
     with every part's mean taken relative to the shift of the part with the
     most entries, so the differences stay exact for offset data. Empty parts
@@ -287,7 +291,7 @@ def _standardize_jvp(spec, primals, tangents):
 
 
 def _tangent_sums(spec, x, mask, m, dx):
-    """This shard's ``[sum(x_hat * dx), sum(dx)]`` over the valid entries (see :func:`_tangent`)."""
+    """This shard's ``[sum(x_hat * dx), sum(dx)]`` over the valid entries."""
     dxf = dx.astype(compute_dtype(x.dtype))
     xhat = _standard(*_schedule.private((x, m, jax.lax.rsqrt(m.var + spec.epsilon)), 4),
                      spec.center)
@@ -300,15 +304,15 @@ def _tangent_sums(spec, x, mask, m, dx):
 
 
 def _tangent(spec, x, scale, mask, m, means, dx, dscale, dbias):
-    """The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
+    r"""The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
 
     With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` and
     ``means`` the means of ``x_hat * dx`` and ``dx`` over the valid entries
     (and the ``sync`` axes):
 
     .. math::
-      d\\hat x = inv \\, \\big(dx - \\overline{dx} - \\hat x \\, \\overline{\\hat x \\, dx}\\big),\\quad
-      dy = scale \\, d\\hat x + \\hat x \\, dscale + dbias
+      d\hat x = inv \, \big(dx - \overline{dx} - \hat x \, \overline{\hat x \, dx}\big),
+      \quad dy = scale \, d\hat x + \hat x \, dscale + dbias
 
     and ``d mean = mean(dx)``, ``d var = 2 mean(x_hat dx) / inv``. The
     per-feature factors multiply the means before they are broadcast, so

@@ -124,7 +124,7 @@ def _standardize(call, scale, bias):
     reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
     y, m = _moments.standardize(call.x, scale, bias, axes=reduced, epsilon=call.epsilon,
                                 mask=call.mask, sync=call.sync)
-    return y, tuple(jnp.broadcast_to(jax.lax.stop_gradient(v), call.broadcast).reshape(call.features)
+    return y, tuple(jax.lax.stop_gradient(v).reshape(call.features)
                     for v in (m.count, m.mean, m.var))
 
 
@@ -149,8 +149,8 @@ def _ghost(call, size, unbiased):
     y, m = _moments.standardize(chunked(x), lift(call.scale), lift(call.bias),
                                 axes=tuple(sorted(reduced)), epsilon=call.epsilon,
                                 mask=chunked(call.mask))
-    count, mean, var = (jax.lax.stop_gradient(jnp.broadcast_to(v, m.var.shape[:1] + call.broadcast))
-                        .reshape((-1,) + call.features) for v in (m.count, m.mean, m.var))
+    count, mean, var = (jax.lax.stop_gradient(v).reshape((-1,) + call.features)
+                        for v in (m.count, m.mean, m.var))
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
     used = (count > 0).astype(mean.dtype)

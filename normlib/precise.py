@@ -143,7 +143,8 @@ def precise_batch_stats(fn: Callable[[Any], Any], batches: Iterable[Any], *, axi
     concatenated valid entries, not an average of batch moments. They are
     computed batch by batch in float32 with the moments of
     :func:`normlib.batch_norm` and merged with Chan et al.'s formula, so
-    they are exact up to rounding for any batch sizes and offsets. ``fn`` and ``mask_fn`` are traced with ``jax.jit``.
+    they are exact up to rounding for any batch sizes and offsets. ``fn``
+    and ``mask_fn`` are traced with ``jax.jit``.
 
     Args:
       fn: maps a batch to the activations whose moments are wanted.
