@@ -214,10 +214,9 @@ def group_sum(value, sync: Sync | None):
 def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None) -> Moments:
     """The :class:`Moments` of ``x`` over ``axes`` (kept dims) and the ``sync`` axes.
 
-    Entries where ``mask`` is False are left out. Blocks of the batch (see
-    :mod:`normlib._schedule`) and shards are merged with :func:`merge`, so
-    the result is the moments of the concatenated valid entries, in float32
-    or wider.
+    Entries where ``mask`` is False are left out. The shards of the ``sync``
+    axes are merged with :func:`merge`, so the result is the moments of the
+    concatenated valid entries, in float32 or wider.
     """
     local = _part_moments(x, axes, mask, center)
     if sync is None:
@@ -281,20 +280,21 @@ def _standardize_jvp(spec, primals, tangents):
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
     y, m = _standardize(spec, x, scale, bias, mask)
+    inv = jax.lax.rsqrt(m.var + spec.epsilon)
     # Checkpointed, the tangent maps keep only their inputs (x and
     # per-feature vectors) for the reverse pass, which recomputes x_hat. The
     # collective stays outside: checkpoints lose vmap's named axes.
     remat = lambda f: jax.checkpoint(functools.partial(f, spec), prevent_cse=False)
-    means = group_sum(remat(_tangent_sums)(x, mask, m, dx), spec.sync) / jnp.maximum(m.count, 1)
-    dy, dm = remat(_tangent)(x, scale, mask, m, means, dx, dscale, dbias)
+    sums = group_sum(remat(_tangent_sums)(x, mask, m, inv, dx), spec.sync)
+    means = sums / jnp.maximum(m.count, 1)
+    dy, dm = remat(_tangent)(x, scale, mask, m, inv, means, dx, dscale, dbias)
     return (y, m), (dy, dm)
 
 
-def _tangent_sums(spec, x, mask, m, dx):
+def _tangent_sums(spec, x, mask, m, inv, dx):
     """This shard's ``[sum(x_hat * dx), sum(dx)]`` over the valid entries."""
     dxf = dx.astype(compute_dtype(x.dtype))
-    xhat = _standard(*_schedule.private((x, m, jax.lax.rsqrt(m.var + spec.epsilon)), 4),
-                     spec.center)
+    xhat = _standard(*_schedule.private((x, m, inv), 4), spec.center)
     if mask is not None:
         xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
     sums = [_sum(xhat * dxf, spec.axes)]
@@ -303,7 +303,7 @@ def _tangent_sums(spec, x, mask, m, dx):
     return jnp.stack(sums)
 
 
-def _tangent(spec, x, scale, mask, m, means, dx, dscale, dbias):
+def _tangent(spec, x, scale, mask, m, inv, means, dx, dscale, dbias):
     r"""The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
 
     With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` and
@@ -318,7 +318,6 @@ def _tangent(spec, x, scale, mask, m, means, dx, dscale, dbias):
     per-feature factors multiply the means before they are broadcast, so
     the reverse pass reduces ``sum(g)`` and ``sum(g * x_hat)`` once each.
     """
-    inv = jax.lax.rsqrt(m.var + spec.epsilon)
     xhat = _standard(*_schedule.private((x, m, inv), 5), spec.center)
     if mask is not None:
         # Masked padding may hold NaN or inf: with no cotangent there, it must
