@@ -131,10 +131,13 @@ def _part_moments(x, axes, mask, center) -> Moments:
         zero = jnp.zeros_like(var)
         return Moments(jnp.broadcast_to(count, var.shape), zero, zero, var)
     anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, share))
-    x1, anchor1 = _schedule.private((xf, anchor), 1)
-    delta = _sum(keep(x1 - anchor1), axes) * share
-    x2, anchor2 = _schedule.private((xf, anchor), 2)
-    var = jnp.maximum(_sum(keep(jnp.square(x2 - anchor2) * share), axes) - delta * delta, 0)
+    # Each pass converts its own copy of x: a shared float32 copy would be
+    # written to memory and read back.
+    x1, anchor1 = _schedule.private((x, anchor), 1)
+    delta = _sum(keep(x1.astype(dtype) - anchor1), axes) * share
+    x2, anchor2 = _schedule.private((x, anchor), 2)
+    var = _sum(keep(jnp.square(x2.astype(dtype) - anchor2) * share), axes)
+    var = jnp.maximum(var - delta * delta, 0)
     return Moments(jnp.broadcast_to(count, var.shape), anchor, delta, var)
 
 
