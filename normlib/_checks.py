@@ -17,15 +17,44 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def floating(name: str, x: Any) -> jax.Array:
-    """Returns ``x`` as an array, raising TypeError unless it is floating point."""
+def floating(name: str, x: Any, *, complex_ok: bool = False) -> jax.Array:
+    """Returns ``x`` as an array, raising TypeError unless it is floating point.
+
+    With ``complex_ok``, complex input is accepted too. Narrow floats
+    (float16, bfloat16, float8) are accepted; normlib computes in float32.
+    """
     if not hasattr(x, 'dtype'):
         x = jnp.asarray(x)
+    if complex_ok and jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
+        kind = ('real or complex floating-point' if complex_ok else 'real floating-point')
         raise TypeError(
-                f'{name} must have a floating-point dtype, got {x.dtype}; cast it'
+                f'{name} must have a {kind} dtype, got {x.dtype}; cast it'
                 ' first, e.g. x.astype(jnp.float32).')
     return jnp.asarray(x)
+
+
+def param(name: str, value: Any) -> jax.Array:
+    """A scale or bias: floating point (or complex); float8 is widened to float32.
+
+    float8 has no implicit promotion with float32 in JAX, so a float8
+    parameter is cast to float32 (exactly) before it meets the statistics.
+    """
+    value = floating(name, value, complex_ok=True)
+    if jnp.issubdtype(value.dtype, jnp.floating) and jnp.finfo(value.dtype).bits < 16:
+        value = value.astype(jnp.float32)
+    return value
+
+
+def integer(name: str, value: Any, what: str = 'an int') -> int:
+    """A static Python (or NumPy) integer; bools and floats are rejected."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f'{name} must be {what}, got {value!r}.')
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f'{name} must be {what}, got {value!r}.') from None
 
 
 def axes(name: str, axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:

@@ -63,8 +63,32 @@ class Moments(NamedTuple):
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-    """float32, or the input's dtype if it is wider."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """float32 (complex64 for complex input), or the input's dtype if wider.
+
+    Narrow floats (float16, bfloat16, the float8 formats) compute in float32.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return dtype if jnp.finfo(dtype).bits > 32 else jnp.dtype(jnp.float32)
+
+
+def real_dtype(dtype) -> jnp.dtype:
+    """The dtype of the statistics that are real (count, variance)."""
+    return jnp.finfo(compute_dtype(dtype)).dtype
+
+
+def _abs2(v):
+    """``|v|**2``, real; ``v * v`` for real ``v``."""
+    return jnp.square(v) if not jnp.iscomplexobj(v) else jnp.square(v.real) + jnp.square(v.imag)
+
+
+def _real_product(a, b):
+    """``Re(conj(a) * b)``; ``a * b`` for real input."""
+    if not (jnp.iscomplexobj(a) or jnp.iscomplexobj(b)):
+        return a * b
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    return a.real * b.real + a.imag * b.imag
 
 
 def _sum(x, axes):
@@ -89,6 +113,8 @@ def _anchor(xf, axes, mask, keep, share):
     others over a row, so the anchor is near the valid entries however few
     they are.
     """
+    if any(xf.shape[a] == 0 for a in axes):  # nothing to anchor: any value will do
+        return jnp.zeros(tuple(1 if i in axes else d for i, d in enumerate(xf.shape)), xf.dtype)
     if mask is None and axes and tuple(axes) == tuple(range(len(axes))):
         sizes = [xf.shape[a] for a in axes]
         total = int(np.prod(sizes))
@@ -115,19 +141,19 @@ def _part_moments(x, axes, mask, center) -> Moments:
     float32 two-pass ``mean(x)``, ``mean((x - mean(x))**2)`` wherever the
     data sit, and far more accurate at large offsets.
     """
-    dtype = compute_dtype(x.dtype)
+    dtype, real = compute_dtype(x.dtype), real_dtype(x.dtype)
     xf = x.astype(dtype)
     if mask is None:
-        count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), dtype)
+        count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), real)
         keep = lambda v: v
     else:
-        count = _sum(mask, axes).astype(dtype)
+        count = _sum(mask, axes).astype(real)
         keep = lambda v: jnp.where(mask, v, 0)
     # Squares are divided by the count before they are summed, so a sum of n
     # squares near the float32 limit cannot overflow a representable mean.
     share = 1 / jnp.maximum(count, 1)
     if not center:
-        var = _sum(keep(xf * xf * share), axes)
+        var = _sum(keep(_abs2(xf) * share), axes)
         zero = jnp.zeros_like(var)
         return Moments(jnp.broadcast_to(count, var.shape), zero, zero, var)
     anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, share))
@@ -136,8 +162,8 @@ def _part_moments(x, axes, mask, center) -> Moments:
     x1, anchor1 = _schedule.private((x, anchor), 1)
     delta = _sum(keep(x1.astype(dtype) - anchor1), axes) * share
     x2, anchor2 = _schedule.private((x, anchor), 2)
-    var = _sum(keep(jnp.square(x2.astype(dtype) - anchor2) * share), axes)
-    var = jnp.maximum(var - delta * delta, 0)
+    var = _sum(keep(_abs2(x2.astype(dtype) - anchor2) * share), axes)
+    var = jnp.maximum(var - _abs2(delta), 0)
     return Moments(jnp.broadcast_to(count, var.shape), anchor, delta, var)
 
 
@@ -161,7 +187,7 @@ def merge(parts: Moments) -> Moments:
     shift = jnp.take_along_axis(parts.shift, largest, axis=0)[0]
     offsets = (parts.shift - shift) + parts.delta
     delta = jnp.sum(weights * offsets, axis=0)
-    var = jnp.sum(weights * (parts.var + jnp.square(offsets - delta)), axis=0)
+    var = jnp.sum(weights * (parts.var + _abs2(offsets - delta)), axis=0)
     return Moments(count, shift, delta, var)
 
 
@@ -224,8 +250,16 @@ def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None) -> Mom
     local = _part_moments(x, axes, mask, center)
     if sync is None:
         return local
-    stacked = _gather(jnp.stack(local), sync.axis_name, sync.groups, sync.sizes)
-    return merge(Moments(*jnp.moveaxis(stacked, 1, 0)))
+    fields = list(local)
+    if jnp.iscomplexobj(local.shift):  # one real buffer: count, shift, delta, var
+        fields = [local.count, local.shift.real, local.shift.imag, local.delta.real,
+                  local.delta.imag, local.var]
+    stacked = jnp.moveaxis(_gather(jnp.stack(fields), sync.axis_name, sync.groups, sync.sizes),
+                           1, 0)
+    if len(fields) > 4:
+        stacked = (stacked[0], jax.lax.complex(stacked[1], stacked[2]),
+                   jax.lax.complex(stacked[3], stacked[4]), stacked[5])
+    return merge(Moments(*stacked))
 
 
 def _affine(y, scale, bias):
@@ -257,84 +291,114 @@ class _Spec(NamedTuple):
 
 
 def standardize(x, scale=None, bias=None, *, axes, epsilon, center=True, mask=None,
-                sync: Sync | None = None):
+                sync: Sync | None = None, fallback=None):
     """Normalizes ``x`` with its own moments; returns ``(y, moments)``.
 
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` in ``x``'s dtype,
     with the :class:`Moments` of :func:`moments` (kept dims, float32 or
-    wider); without ``center``, ``y = x * rsqrt(mean(x**2) + epsilon) * scale
-    + bias``. ``scale``/``bias`` (or None) broadcast against ``x``. Outputs
-    are differentiable in forward and reverse mode, the moments included
-    (callers stop their gradients where the running statistics need it).
+    wider); without ``center``, ``y = x * rsqrt(mean(|x|**2) + epsilon) *
+    scale + bias``. ``scale``/``bias`` (or None) broadcast against ``x``.
+
+    A feature with no valid entry (all masked, or an empty batch) has no
+    moments of its own: it is normalized with ``fallback``, a pair
+    ``(mean, var)`` broadcasting against the moments (batch norm's running
+    statistics), or without one to ``y = bias`` (``x_hat = 0``). Its
+    returned moments stay count 0, mean 0, var 0.
+
+    Outputs are differentiable in forward and reverse mode, the moments
+    included (callers stop their gradients where the running statistics
+    need it; ``fallback`` carries no gradient).
     """
-    return _standardize(_Spec(tuple(axes), float(epsilon), center, sync), x, scale, bias, mask)
+    if fallback is not None:
+        fallback = tuple(jax.lax.stop_gradient(v) for v in fallback)
+    return _standardize(_Spec(tuple(axes), float(epsilon), center, sync), x, scale, bias, mask,
+                        fallback)
+
+
+def _used(spec, m: Moments, fallback):
+    """The moments ``x`` is normalized with, and their ``rsqrt(var + epsilon)``.
+
+    Features with entries use their own; empty ones ``fallback``, or none
+    (``inv = 0``).
+    """
+    empty = m.count == 0
+    if fallback is None:
+        return m, jnp.where(empty, 0, jax.lax.rsqrt(m.var + spec.epsilon))
+    mean, var = fallback
+    used = Moments(m.count, jnp.where(empty, mean, m.shift), jnp.where(empty, 0, m.delta),
+                   jnp.where(empty, var, m.var))
+    return used, jax.lax.rsqrt(used.var + spec.epsilon)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _standardize(spec, x, scale, bias, mask):
+def _standardize(spec, x, scale, bias, mask, fallback):
     m = moments(x, spec.axes, mask=mask, center=spec.center, sync=spec.sync)
-    inv = jax.lax.rsqrt(m.var + spec.epsilon)
-    xhat = _standard(*_schedule.private((x, m, inv), 3), spec.center)
+    used, inv = _used(spec, m, fallback)
+    xhat = _standard(*_schedule.private((x, used, inv), 3), spec.center)
     return _affine(xhat, scale, bias).astype(x.dtype), m
 
 
 @_standardize.defjvp
 def _standardize_jvp(spec, primals, tangents):
-    x, scale, bias, mask = primals
-    dx, dscale, dbias, _ = tangents
-    y, m = _standardize(spec, x, scale, bias, mask)
-    inv = jax.lax.rsqrt(m.var + spec.epsilon)
+    x, scale, bias, mask, fallback = primals
+    dx, dscale, dbias, _, _ = tangents
+    y, m = _standardize(spec, x, scale, bias, mask, fallback)
+    used, inv = _used(spec, m, fallback)
     # Checkpointed, the tangent maps keep only their inputs (x and
     # per-feature vectors) for the reverse pass, which recomputes x_hat. The
     # collective stays outside: checkpoints lose vmap's named axes.
     remat = lambda f: jax.checkpoint(functools.partial(f, spec), prevent_cse=False)
-    sums = group_sum(remat(_tangent_sums)(x, mask, m, inv, dx), spec.sync)
+    sums = group_sum(remat(_tangent_sums)(x, mask, used, inv, dx), spec.sync)
     means = sums / jnp.maximum(m.count, 1)
-    dy, dm = remat(_tangent)(x, scale, mask, m, inv, means, dx, dscale, dbias)
+    dy, dm = remat(_tangent)(x, scale, mask, m, used, inv, means, dx, dscale, dbias)
     return (y, m), (dy, dm)
 
 
 def _tangent_sums(spec, x, mask, m, inv, dx):
-    """This shard's ``[sum(x_hat * dx), sum(dx)]`` over the valid entries."""
+    """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries."""
     dxf = dx.astype(compute_dtype(x.dtype))
     xhat = _standard(*_schedule.private((x, m, inv), 4), spec.center)
     if mask is not None:
         xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
-    sums = [_sum(xhat * dxf, spec.axes)]
+    sums = [_sum(_real_product(xhat, dxf), spec.axes)]
     if spec.center:
         sums.append(_sum(dxf, spec.axes))
     return jnp.stack(sums)
 
 
-def _tangent(spec, x, scale, mask, m, inv, means, dx, dscale, dbias):
+def _tangent(spec, x, scale, mask, m, used, inv, means, dx, dscale, dbias):
     r"""The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
 
-    With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` and
-    ``means`` the means of ``x_hat * dx`` and ``dx`` over the valid entries
-    (and the ``sync`` axes):
+    With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` (of the
+    moments ``used``) and ``means`` the means of ``Re(conj(x_hat) * dx)`` and
+    ``dx`` over the valid entries (and the ``sync`` axes):
 
     .. math::
-      d\hat x = inv \, \big(dx - \overline{dx} - \hat x \, \overline{\hat x \, dx}\big),
+      d\hat x = inv \, \big(dx - \overline{dx} - \hat x \,
+      \overline{\mathrm{Re}(\hat x^* dx)}\big),
       \quad dy = scale \, d\hat x + \hat x \, dscale + dbias
 
-    and ``d mean = mean(dx)``, ``d var = 2 mean(x_hat dx) / inv``. The
-    per-feature factors multiply the means before they are broadcast, so
-    the reverse pass reduces ``sum(g)`` and ``sum(g * x_hat)`` once each.
+    and, for the moments ``m`` of the batch, ``d mean = mean(dx)``,
+    ``d var = 2 mean(Re(conj(x_hat) dx)) sqrt(var + epsilon)`` (0 for a
+    feature with no valid entry). The per-feature factors multiply the means
+    before they are broadcast, so the reverse pass reduces ``sum(g)`` and
+    ``sum(g * x_hat)`` once each.
     """
-    xhat = _standard(*_schedule.private((x, m, inv), 5), spec.center)
+    xhat = _standard(*_schedule.private((x, used, inv), 5), spec.center)
     if mask is not None:
         # Masked padding may hold NaN or inf: with no cotangent there, it must
         # not reach the sums of the reverse pass.
         xhat = jnp.where(mask | jnp.isfinite(xhat), xhat, 0)
+    spread = means[0].real
     factor = inv if scale is None else inv * scale
-    slope = -factor * means[0] if dscale is None else dscale - factor * means[0]
+    slope = -factor * spread if dscale is None else dscale - factor * spread
     dy = factor * dx.astype(compute_dtype(x.dtype)) + xhat * slope
     if spec.center or dbias is not None:
         offset = 0 if dbias is None else dbias
         dy = dy + (offset - factor * means[1] if spec.center else offset)
     zero = jnp.zeros_like(m.count)
-    dm = Moments(zero, jnp.zeros_like(m.shift), means[1] if spec.center else zero,
-                 2 * means[0] / inv)
+    dm = Moments(zero, jnp.zeros_like(m.shift), means[1] if spec.center else jnp.zeros_like(m.delta),
+                 2 * spread * jnp.sqrt(m.var + spec.epsilon))
     return dy.astype(x.dtype), dm
 
 
@@ -344,7 +408,7 @@ def mean_absolute_deviation(x, axes, mean, *, mask=None, count, sync: Sync | Non
     ``mean`` and ``count`` are the merged ones from :func:`moments`, so the
     deviations of every shard are taken from the same global mean.
     """
+    if mask is not None:  # masked padding (even NaN or inf) deviates by 0, gradient included
+        x = jnp.where(mask, x, mean)
     deviation = jnp.abs(x - mean)
-    if mask is not None:
-        deviation = jnp.where(mask, deviation, 0)
     return group_sum(_sum(deviation, axes), sync) / jnp.maximum(count, 1)

@@ -16,8 +16,10 @@ class BatchNormState(NamedTuple):
     """Running statistics of a batch norm layer.
 
     Attributes:
-      mean: running mean, float32, the feature shape.
-      var: running (biased, unless ``unbiased_running_var``) variance.
+      mean: running mean, float32 or wider (complex for complex input), the
+        feature shape.
+      var: running (biased, unless ``unbiased_running_var``) variance, real
+        float32 or wider.
       count: int32 scalar, the number of statistic updates so far.
     """
     mean: jax.Array
@@ -31,23 +33,56 @@ def init_batch_norm(num_features: int | tuple[int, ...],
 
     Args:
       num_features: the feature shape (an int for a single feature axis).
-      dtype: dtype of ``mean`` and ``var``; float32 or wider.
+      dtype: dtype of ``mean`` and ``var``: float32 or wider, or complex64 or
+        wider for complex input (then ``mean`` is complex and ``var`` has the
+        matching real dtype).
     """
     shape = (num_features,) if not isinstance(num_features, (tuple, list)) else tuple(num_features)
-    try:
-        shape = tuple(int(d) for d in shape)
-    except (TypeError, ValueError):
-        raise TypeError(f'num_features must be an int or a tuple of ints, got {num_features!r}.') from None
+    shape = tuple(_checks.integer('num_features', d, 'an int or a tuple of ints') for d in shape)
     if any(d < 1 for d in shape):
         raise ValueError(f'num_features must be positive, got {num_features!r}.')
+    _state_dtype('dtype', dtype, complex_ok=True)
+    var_dtype = jnp.finfo(dtype).dtype
+    return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, var_dtype),
+                          jnp.zeros((), jnp.int32))
+
+
+def _state_dtype(name, dtype, *, complex_ok):
+    """Raises TypeError unless ``dtype`` suits running statistics."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f'{name} must be a dtype, got {dtype!r}.') from None
+    if complex_ok and jnp.issubdtype(dtype, jnp.complexfloating):
+        return
     if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 32:
-        raise TypeError(f'dtype must be float32 or wider, got {jnp.dtype(dtype)}.')
-    return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32))
+        kind = 'float32 or wider (or complex64 or wider)' if complex_ok else 'float32 or wider'
+        raise TypeError(f'{name} must be {kind}, got {dtype}; build the state with'
+                        ' init_batch_norm.')
 
 
-def _check_state(state, features):
+def _check_state(state, features, x_dtype=None):
+    """Checks the types, dtypes and shapes of a state for ``features``.
+
+    With ``x_dtype`` complex, the running mean must be complex too.
+    """
     if not all(hasattr(state, f) for f in BatchNormState._fields):
         raise TypeError(f'state must be a BatchNormState (see init_batch_norm), got {type(state).__name__}.')
+    for field in BatchNormState._fields:
+        value = getattr(state, field)
+        if not (hasattr(value, 'dtype') and hasattr(value, 'shape')):
+            raise TypeError(f'state.{field} must be an array, got {type(value).__name__}; build'
+                            ' the state with init_batch_norm.')
+    _state_dtype('state.mean', state.mean.dtype, complex_ok=True)
+    _state_dtype('state.var', state.var.dtype, complex_ok=False)
+    if not jnp.issubdtype(state.count.dtype, jnp.integer):
+        raise TypeError(f'state.count must be an integer array (int32), got {state.count.dtype};'
+                        ' build the state with init_batch_norm.')
+    if x_dtype is not None and jnp.issubdtype(x_dtype, jnp.complexfloating) and not (
+            jnp.issubdtype(state.mean.dtype, jnp.complexfloating)):
+        raise TypeError(f'x is {jnp.dtype(x_dtype)} but state.mean is {state.mean.dtype}: complex'
+                        ' input needs a complex running mean, e.g.'
+                        ' init_batch_norm(num_features, dtype=jnp.complex64).')
     _checks.shape('state.mean', state.mean, features, 'the features (x.shape at axis)')
     _checks.shape('state.var', state.var, features, 'the features (x.shape at axis)')
     _checks.shape('state.count', state.count, (), 'counts')
@@ -56,7 +91,7 @@ def _check_state(state, features):
 def _params(name, value, features, broadcast):
     if value is None:
         return None
-    value = _checks.floating(name, value)
+    value = _checks.param(name, value)
     _checks.shape(name, value, features, 'the features (x.shape at axis)')
     return value.reshape(broadcast)
 
@@ -71,6 +106,10 @@ def _update(state, count, mean, var, momentum, unbiased, zero_debias=False):
     def ema(old, new):
         new = new.astype(old.dtype)
         if momentum is None:
+            new = old + (new - old) / (steps + 1)
+        elif zero_debias and momentum == 1.0:
+            # The limit of the debiased weight below as momentum -> 1:
+            # 1 / (t + 1), the average of all batches (momentum=None).
             new = old + (new - old) / (steps + 1)
         elif zero_debias:
             # The EMA started at zero, divided by 1 - momentum**t: the weight
@@ -96,34 +135,41 @@ class _Call(NamedTuple):
     epsilon: float
     momentum: float | None
     sync: _moments.Sync | None
+    fallback: tuple[jax.Array, jax.Array]
 
 
 def _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                axis_index_groups, mask) -> _Call:
-    x = _checks.floating('x', x)
+                axis_index_groups, mask, *, complex_ok=True) -> _Call:
+    x = _checks.floating('x', x, complex_ok=complex_ok)
     feature_axes = _checks.axes('axis', axis, x.ndim)
     features = _checks.features_of(x.shape, feature_axes)
     broadcast = tuple(d if i in feature_axes else 1 for i, d in enumerate(x.shape))
-    _check_state(state, features)
+    _check_state(state, features, x.dtype)
     if not isinstance(training, bool):
         raise TypeError(f'training must be a Python bool, got {training!r}.')
+    # axis_name matters only for batch statistics: evaluation runs anywhere,
+    # e.g. eagerly or under plain jit after training under pmap or shard_map.
+    sync = (_moments.Sync.of(*_checks.axis_name(axis_name, axis_index_groups)) if training
+            else None)
+    fallback = tuple(jax.lax.stop_gradient(s).reshape(broadcast) for s in (state.mean, state.var))
     return _Call(
         x, _params('scale', scale, features, broadcast), _params('bias', bias, features, broadcast),
         None if mask is None else _checks.mask(mask, x.shape), feature_axes, features, broadcast,
-        _checks.positive('epsilon', epsilon), _checks.momentum(momentum),
-        _moments.Sync.of(*_checks.axis_name(axis_name, axis_index_groups)))
+        _checks.positive('epsilon', epsilon), _checks.momentum(momentum), sync, fallback)
 
 
-def _evaluate(call, state):
-    mean, var = (jax.lax.stop_gradient(s).reshape(call.broadcast) for s in (state.mean, state.var))
-    return _moments.normalize(call.x, mean, var, call.scale, call.bias, epsilon=call.epsilon)
+def _evaluate(call):
+    return _moments.normalize(call.x, *call.fallback, call.scale, call.bias, epsilon=call.epsilon)
 
 
 def _standardize(call, scale, bias):
-    """Training-mode normalization; returns y and the batch's (count, mean, var)."""
+    """Training-mode normalization; returns y and the batch's (count, mean, var).
+
+    Features with no valid entry are normalized with the running statistics.
+    """
     reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
     y, m = _moments.standardize(call.x, scale, bias, axes=reduced, epsilon=call.epsilon,
-                                mask=call.mask, sync=call.sync)
+                                mask=call.mask, sync=call.sync, fallback=call.fallback)
     return y, tuple(jax.lax.stop_gradient(v).reshape(call.features)
                     for v in (m.count, m.mean, m.var))
 
@@ -136,7 +182,8 @@ def _ghost(call, size, unbiased):
     ``n / (n - 1)`` to each chunk's variance.
     """
     x, n = call.x, call.x.shape[0]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or n % size:
+    size = _checks.integer('virtual_batch_size', size, 'a positive int dividing the batch axis')
+    if size < 1 or n % size:
         raise ValueError(
             f'virtual_batch_size={size!r} must be a positive int dividing the batch axis (axis 0,'
             f' size {n}).')
@@ -148,7 +195,8 @@ def _ghost(call, size, unbiased):
     reduced = tuple(i + 1 for i in range(x.ndim) if i not in call.feature_axes and i != 0) + (1,)
     y, m = _moments.standardize(chunked(x), lift(call.scale), lift(call.bias),
                                 axes=tuple(sorted(reduced)), epsilon=call.epsilon,
-                                mask=chunked(call.mask))
+                                mask=chunked(call.mask),
+                                fallback=tuple(lift(v) for v in call.fallback))
     count, mean, var = (jax.lax.stop_gradient(v).reshape((-1,) + call.features)
                         for v in (m.count, m.mean, m.var))
     if unbiased:
@@ -156,8 +204,8 @@ def _ghost(call, size, unbiased):
     used = (count > 0).astype(mean.dtype)
     totals = jnp.stack([jnp.sum(used * m, axis=0) for m in (used, mean, var)])
     totals = _moments.group_sum(totals, call.sync)
-    chunks = jnp.maximum(totals[0], 1)
-    return y.reshape(x.shape), (totals[0], totals[1] / chunks, totals[2] / chunks)
+    chunks = jnp.maximum(totals[0].real, 1)
+    return y.reshape(x.shape), (totals[0].real, totals[1] / chunks, totals[2].real / chunks)
 
 
 def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: bool,
@@ -232,7 +280,7 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
                        axis_index_groups, mask)
     if not training:
-        return _evaluate(call, state), state
+        return _evaluate(call), state
     if virtual_batch_size is None:
         y, (count, mean, var) = _standardize(call, call.scale, call.bias)
     else:
@@ -269,22 +317,39 @@ def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: b
       Batch-Normalized Models <https://arxiv.org/abs/1702.03275>`_, 2017.
     """
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                       None, mask)
+                       None, mask, complex_ok=False)
     for name, value, low in (('r_max', r_max, 1.0), ('d_max', d_max, 0.0)):
         if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
             raise ValueError(f'{name} must be >= {low:g}, got {value!r}.')
     if not training:
-        return _evaluate(call, state), state
+        return _evaluate(call), state
     xhat, (count, mean, var) = _standardize(call, None, None)
     state = jax.lax.stop_gradient(state)
     sigma = jnp.sqrt(state.var + call.epsilon)
-    r = jnp.clip(jnp.sqrt(var + call.epsilon) / sigma, 1.0 / r_max, r_max)
-    d = jnp.clip((mean - state.mean) / sigma, -d_max, d_max)
+    seen = count > 0  # features with no valid entry: normalized with the state, r = 1, d = 0
+    r = jnp.where(seen, jnp.clip(jnp.sqrt(var + call.epsilon) / sigma, 1.0 / r_max, r_max), 1)
+    d = jnp.where(seen, jnp.clip((mean - state.mean) / sigma, -d_max, d_max), 0)
     r, d = (jax.lax.stop_gradient(v).reshape(call.broadcast) for v in (r, d))
-    y = xhat.astype(r.dtype) * r + d
-    y = y if call.scale is None else y * call.scale
-    y = y if call.bias is None else y + call.bias
+    y = _masked_affine(call, lambda xhat: xhat.astype(r.dtype) * r + d, xhat)
     return y.astype(call.x.dtype), _update(state, count, mean, var, call.momentum, False)
+
+
+def _masked_affine(call, standard, v):
+    """``standard(v) * scale + bias`` (elementwise), with no gradient from masked non-finite ``v``.
+
+    Masked padding may hold NaN or inf. Its outputs are what they are, but
+    with a zero cotangent there, ``0 * NaN`` must not reach the gradients of
+    ``scale``, the statistics and ``x``: the differentiated branch sees 0 in
+    its place.
+    """
+    def affine(v):
+        v = standard(v)
+        v = v if call.scale is None else v * call.scale
+        return v if call.bias is None else v + call.bias
+    if call.mask is None:
+        return affine(v)
+    ok = call.mask | jnp.isfinite(v)
+    return jnp.where(ok, affine(jnp.where(ok, v, 0)), jax.lax.stop_gradient(affine(v)))
 
 
 def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: bool,
@@ -312,17 +377,22 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
       normalization schemes in deep networks <https://arxiv.org/abs/1803.01814>`_, 2018.
     """
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                       axis_index_groups, mask)
+                       axis_index_groups, mask, complex_ok=False)
     if not training:
-        return _evaluate(call, state), state
+        return _evaluate(call), state
     reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
     xf = call.x.astype(_moments.compute_dtype(call.x.dtype))
-    m = _moments.moments(xf, reduced, mask=call.mask, sync=call.sync)
+    # Masked padding (even NaN or inf) must reach neither the moments nor their gradients.
+    valid = xf if call.mask is None else jnp.where(call.mask, xf, 0)
+    m = _moments.moments(valid, reduced, mask=call.mask, sync=call.sync)
     count, mean = m.count, m.mean
-    spread = _moments.mean_absolute_deviation(xf, reduced, mean, mask=call.mask, count=count,
+    spread = _moments.mean_absolute_deviation(valid, reduced, mean, mask=call.mask, count=count,
                                               sync=call.sync)
     var = (math.pi / 2) * jnp.square(spread)
-    y = _moments.normalize(call.x, mean, var, call.scale, call.bias, epsilon=call.epsilon)
+    seen = count > 0  # features with no valid entry: normalized with the state
+    used_mean, used_var = (jnp.where(seen, v, s) for v, s in zip((mean, var), call.fallback))
+    standard = lambda v: _moments.normalize(v, used_mean, used_var, epsilon=call.epsilon)
+    y = _masked_affine(call, standard, xf).astype(call.x.dtype)
     count, mean, var = (jnp.broadcast_to(jax.lax.stop_gradient(m), call.broadcast)
                         .reshape(call.features) for m in (count, mean, var))
     return y, _update(jax.lax.stop_gradient(state), count, mean, var, call.momentum,

@@ -18,10 +18,14 @@ def _params(name, value, x_shape, axes):
     """
     if value is None:
         return None
-    value = _checks.floating(name, value)
+    value = _checks.param(name, value)
     expected = _checks.features_of(x_shape, axes)
     if value.shape != expected and value.ndim == len(x_shape) and len(axes) != len(x_shape):
-        if jnp.broadcast_shapes(value.shape, x_shape) != tuple(x_shape):
+        try:
+            broadcast = jnp.broadcast_shapes(value.shape, x_shape)
+        except ValueError:
+            broadcast = None
+        if broadcast != tuple(x_shape):
             raise ValueError(f'{name} has shape {value.shape}, which does not broadcast to x'
                              f' of shape {tuple(x_shape)}.')
         return value
@@ -48,6 +52,9 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask
     with the mean and biased variance taken over ``axis`` for each position of
     the other axes, counting only entries where ``mask`` is True. Moments are
     float32 (or wider) and stable for large offsets; ``y`` has ``x``'s dtype.
+    A row with no valid entry (all masked) gives ``y = bias`` (``x_hat = 0``)
+    and zero gradient with respect to ``x``. Complex ``x`` is centered by its
+    complex mean and scaled by the real variance ``mean(|x - mean|**2)``.
 
     Args:
       x: floating-point input.
@@ -66,7 +73,7 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask
       Ba, Kiros & Hinton, `Layer Normalization
       <https://arxiv.org/abs/1607.06450>`_, 2016.
     """
-    x = _checks.floating('x', x)
+    x = _checks.floating('x', x, complex_ok=True)
     axes = _checks.axes('axis', axis, x.ndim)
     return _standardize(x, _params('scale', scale, x.shape, axes),
                         _params('bias', bias, x.shape, axes), axes=axes, epsilon=epsilon,
@@ -89,7 +96,7 @@ def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None, axis_n
       Zhang & Sennrich, `Root Mean Square Layer Normalization
       <https://arxiv.org/abs/1910.07467>`_, 2019.
     """
-    x = _checks.floating('x', x)
+    x = _checks.floating('x', x, complex_ok=True)
     axes = _checks.axes('axis', axis, x.ndim)
     return _standardize(x, _params('scale', scale, x.shape, axes), None, axes=axes,
                         epsilon=epsilon, center=False, mask=mask, axis_name=axis_name,
@@ -115,7 +122,7 @@ def group_norm(x, scale=None, bias=None, *, num_groups: int, axis=None, epsilon:
     References:
       Wu & He, `Group Normalization <https://arxiv.org/abs/1803.08494>`_, 2018.
     """
-    x = _checks.floating('x', x)
+    x = _checks.floating('x', x, complex_ok=True)
     if x.ndim < 2:
         raise ValueError(f'x must have shape (N, ..., C) for group_norm, got {x.shape}.')
     channels, last = x.shape[-1], x.ndim - 1
@@ -149,22 +156,20 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-5, m
     .. math::
       y = \frac{x - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}} \cdot scale_c + bias_c
 
-    ``scale``/``bias`` have the shape of ``x`` at ``axis``. ``mask``,
+    ``scale``/``bias`` have the shape of ``x`` at ``axis``. With no axis left
+    to reduce (an ``(N, C)`` input, or ``axis`` covering every non-batch
+    axis) each entry is its own mean and ``y = bias``, as in Flax. ``mask``,
     ``axis_name`` and ``axis_index_groups`` are as in :func:`layer_norm`.
 
     References:
       Ulyanov, Vedaldi & Lempitsky, `Instance Normalization: The Missing
       Ingredient for Fast Stylization <https://arxiv.org/abs/1607.08022>`_, 2016.
     """
-    x = _checks.floating('x', x)
+    x = _checks.floating('x', x, complex_ok=True)
     channel = _checks.axes('axis', axis, x.ndim)
     if 0 in channel:
         raise ValueError(f'axis={axis!r} must not include the batch axis 0.')
     reduced = tuple(i for i in range(1, x.ndim) if i not in channel)
-    if not reduced:
-        raise ValueError(
-            f'x of shape {x.shape} has no spatial axis to normalize over: instance_norm needs'
-            ' (N, spatial..., C).')
     return _standardize(x, _params('scale', scale, x.shape, channel),
                         _params('bias', bias, x.shape, channel), axes=reduced, epsilon=epsilon,
                         center=True, mask=mask, axis_name=axis_name,

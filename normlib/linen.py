@@ -21,6 +21,7 @@ from flax.linen import dtypes
 from flax.typing import Axes, Dtype, Initializer
 
 from normlib import _checks
+from normlib import _moments
 from normlib.batch_norm import BatchNormState, batch_norm, fold_batch_norm
 from normlib.layer_norm import group_norm, instance_norm, layer_norm, rms_norm
 from normlib.lp_norm import l1_normalize, l2_normalize
@@ -134,14 +135,18 @@ class BatchNorm(nn.Module):
             'use_running_average', self.use_running_average, use_running_average)
         x = jnp.asarray(x)
         features = _checks.features_of(x.shape, _checks.axes('axis', self.axis, x.ndim))
-        mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+        # Complex input keeps a complex running mean (Flax's becomes complex
+        # on the first update; here it is complex from the start).
+        mean_dtype = _moments.compute_dtype(x.dtype) if jnp.iscomplexobj(x) else jnp.float32
+        mean = self.variable('batch_stats', 'mean', jnp.zeros, features, mean_dtype)
         var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
         count = (self.variable('batch_stats', 'count', jnp.zeros, (), jnp.int32)
                  if self.momentum is None else None)
         scale, bias = _affine(self, features)
         x, out_dtype = _promote(x, (scale, bias), self.dtype)
         state = BatchNormState(
-            mean.value, var.value, jnp.zeros((), jnp.int32) if count is None else count.value)
+            mean.value.astype(jnp.promote_types(mean.value.dtype, mean_dtype)), var.value,
+            jnp.zeros((), jnp.int32) if count is None else count.value)
         initializing = self.is_initializing()
         y, state = batch_norm(
             x, state, scale, bias, training=not use_running_average, axis=self.axis,

@@ -35,6 +35,7 @@ from flax.nnx.nn import dtypes
 from flax.typing import Axes, Dtype, Initializer
 
 from normlib import _checks
+from normlib import _moments
 from normlib.batch_norm import BatchNormState, batch_norm
 from normlib.layer_norm import group_norm, instance_norm, layer_norm, rms_norm
 from normlib.linen import _given, _group_count, _lay_out
@@ -155,8 +156,11 @@ class BatchNorm(nnx.Module):
             dtype=self.dtype)
         features = _checks.features_of(x.shape, _checks.axes('axis', self.axis, x.ndim))
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
+        mean = self.mean[...]
+        if jnp.iscomplexobj(x) and not jnp.iscomplexobj(mean):  # as Flax: the mean turns complex
+            mean = mean.astype(_moments.compute_dtype(x.dtype))
         state = BatchNormState(
-            _features(self.mean[...], features, 'features'),
+            _features(mean, features, 'features'),
             _features(self.var[...], features, 'features'), count)
         y, state = batch_norm(
             x, state, _features(scale, features, 'features'),
@@ -165,7 +169,10 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask,
             unbiased_running_var=self.unbiased_running_var)
         if not use_running_average:
-            self.mean[...] = state.mean.reshape(self.mean.shape)
+            if state.mean.dtype == self.mean[...].dtype:
+                self.mean[...] = state.mean.reshape(self.mean.shape)
+            else:  # item assignment would cast the complex mean to float32
+                self.mean.value = state.mean.reshape(self.mean.shape)
             self.var[...] = state.var.reshape(self.var.shape)
             if self.momentum is None:
                 self.count[...] = state.count
