@@ -130,8 +130,8 @@ def _anchor(xf, axes, mask, keep, share):
     return anchor + _sum(keep(xf - anchor), axes) * share
 
 
-def _part_moments(x, axes, mask, center) -> Moments:
-    """The :class:`Moments` of one part over ``axes`` (kept dims).
+def _part_moments(x, axes, mask, center, scale=None) -> Moments:
+    """The :class:`Moments` of one part over ``axes`` (kept dims), of ``x * scale``.
 
     Centered, the corrected two-pass algorithm around an anchor, a float32
     value next to the mean (:func:`_anchor`): with ``d = x - anchor``,
@@ -142,7 +142,8 @@ def _part_moments(x, axes, mask, center) -> Moments:
     data sit, and far more accurate at large offsets.
     """
     dtype, real = compute_dtype(x.dtype), real_dtype(x.dtype)
-    xf = x.astype(dtype)
+    widen = lambda v, s: v.astype(dtype) if scale is None else v.astype(dtype) * s
+    xf = widen(x, scale)
     if mask is None:
         count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), real)
         keep = lambda v: v
@@ -159,10 +160,10 @@ def _part_moments(x, axes, mask, center) -> Moments:
     anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, share))
     # Each pass converts its own copy of x: a shared float32 copy would be
     # written to memory and read back.
-    x1, anchor1 = _schedule.private((x, anchor), 1)
-    delta = _sum(keep(x1.astype(dtype) - anchor1), axes) * share
-    x2, anchor2 = _schedule.private((x, anchor), 2)
-    var = _sum(keep(_abs2(x2.astype(dtype) - anchor2) * share), axes)
+    x1, anchor1, scale1 = _schedule.private((x, anchor, scale), 1)
+    delta = _sum(keep(widen(x1, scale1) - anchor1), axes) * share
+    x2, anchor2, scale2 = _schedule.private((x, anchor, scale), 2)
+    var = _sum(keep(_abs2(widen(x2, scale2) - anchor2) * share), axes)
     var = jnp.maximum(var - _abs2(delta), 0)
     return Moments(jnp.broadcast_to(count, var.shape), anchor, delta, var)
 
@@ -240,16 +241,20 @@ def group_sum(value, sync: Sync | None):
     return jnp.sum(_gather(value, sync.axis_name, sync.groups, sync.sizes), axis=0)
 
 
-def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None) -> Moments:
+def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
+            scale=None) -> Moments:
     """The :class:`Moments` of ``x`` over ``axes`` (kept dims) and the ``sync`` axes.
 
     Entries where ``mask`` is False are left out. The shards of the ``sync``
     axes are merged with :func:`merge`, so the result is the moments of the
-    concatenated valid entries, in float32 or wider.
+    concatenated valid entries, in float32 or wider. With ``scale`` (kept
+    dims, no ``sync``), the moments of ``x * scale``.
     """
-    local = _part_moments(x, axes, mask, center)
+    local = _part_moments(x, axes, mask, center, scale)
     if sync is None:
         return local
+    assert scale is None, 'scaled moments are per shard'
+
     fields = list(local)
     if jnp.iscomplexobj(local.shift):  # one real buffer: count, shift, delta, var
         fields = [local.count, local.shift.real, local.shift.imag, local.delta.real,
@@ -277,9 +282,11 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon):
     return _affine(y, scale, bias).astype(x.dtype)
 
 
-def _standard(x, m: Moments, inv, center):
-    """``(x - mean) * inv`` in the compute dtype, with the mean as ``shift + delta``."""
+def _standard(x, m: Moments, inv, scale, center):
+    """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``."""
     x = x.astype(compute_dtype(x.dtype))
+    if scale is not None:
+        x = x * scale
     return ((x - m.shift) - m.delta) * inv if center else x * inv
 
 
@@ -315,49 +322,86 @@ def standardize(x, scale=None, bias=None, *, axes, epsilon, center=True, mask=No
                         fallback)
 
 
-def _used(spec, m: Moments, fallback):
-    """The moments ``x`` is normalized with, and their ``rsqrt(var + epsilon)``.
+# Rows are scaled by a power of two so that their largest magnitude stays
+# below 2**_HEADROOM: squares of float32 data up to its largest value cannot
+# overflow, and ordinary data (below 2**_HEADROOM, about 1e18) keep scale 1.
+_HEADROOM = 60
 
-    Features with entries use their own; empty ones ``fallback``, or none
-    (``inv = 0``).
+
+def _power_of_two_scale(x, axes, mask):
+    """``2**-k`` (k >= 0) per row, kept dims: 1 unless ``max|x| >= 2**_HEADROOM``.
+
+    Scaling by a power of two is exact, so the result does not depend on
+    where the data sit relative to the threshold (beyond entries below
+    ``2**-126`` times the largest, which do not reach float32 sums anyway).
     """
-    empty = m.count == 0
-    if fallback is None:
-        return m, jnp.where(empty, 0, jax.lax.rsqrt(m.var + spec.epsilon))
-    mean, var = fallback
-    used = Moments(m.count, jnp.where(empty, mean, m.shift), jnp.where(empty, 0, m.delta),
-                   jnp.where(empty, var, m.var))
-    return used, jax.lax.rsqrt(used.var + spec.epsilon)
+    magnitude = jnp.abs(x).astype(real_dtype(x.dtype))
+    if mask is not None:
+        magnitude = jnp.where(mask, magnitude, 0)
+    largest = jnp.max(magnitude, axis=axes, keepdims=True)
+    _, exponent = jnp.frexp(largest)
+    return jax.lax.stop_gradient(
+        jnp.ldexp(jnp.ones_like(largest), jnp.minimum(0, _HEADROOM - exponent)))
+
+
+def _statistics(spec, x, mask, fallback):
+    """The batch's moments ``m``, and how ``x`` is normalized: ``(used, inv, s)``.
+
+    ``x_hat = (x * s - used.mean) * inv``. Features with entries use their
+    own moments and ``inv = rsqrt(var + epsilon)``; empty ones ``fallback``,
+    or without one ``inv = 0``. Rows of per-example statistics (no
+    ``fallback``, no ``sync``) are taken at a power-of-two scale ``s``
+    (:func:`_power_of_two_scale`; ``used`` are the moments of ``x * s`` and
+    ``inv = rsqrt(var_s + epsilon * s**2)``), so ``x_hat`` is right even where
+    ``x - mean`` or ``var`` exceed float32; elsewhere ``s`` is None (1).
+    """
+    if fallback is not None or spec.sync is not None:
+        m = moments(x, spec.axes, mask=mask, center=spec.center, sync=spec.sync)
+        empty = m.count == 0
+        if fallback is None:
+            return m, m, jnp.where(empty, 0, jax.lax.rsqrt(m.var + spec.epsilon)), None
+        mean, var = fallback
+        used = Moments(m.count, jnp.where(empty, mean, m.shift), jnp.where(empty, 0, m.delta),
+                       jnp.where(empty, var, m.var))
+        return m, used, jax.lax.rsqrt(used.var + spec.epsilon), None
+    s = _power_of_two_scale(x, spec.axes, mask)
+    used = moments(x, spec.axes, mask=mask, center=spec.center, scale=s)
+    m = Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
+    inv = jnp.where(m.count == 0, 0, jax.lax.rsqrt(used.var + spec.epsilon * (s * s)))
+    return m, used, inv, s
+
+
+def _output(spec, x, scale, bias, used, inv, s):
+    xhat = _standard(*_schedule.private((x, used, inv, s), 3), spec.center)
+    return _affine(xhat, scale, bias).astype(x.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _standardize(spec, x, scale, bias, mask, fallback):
-    m = moments(x, spec.axes, mask=mask, center=spec.center, sync=spec.sync)
-    used, inv = _used(spec, m, fallback)
-    xhat = _standard(*_schedule.private((x, used, inv), 3), spec.center)
-    return _affine(xhat, scale, bias).astype(x.dtype), m
+    m, used, inv, s = _statistics(spec, x, mask, fallback)
+    return _output(spec, x, scale, bias, used, inv, s), m
 
 
 @_standardize.defjvp
 def _standardize_jvp(spec, primals, tangents):
     x, scale, bias, mask, fallback = primals
     dx, dscale, dbias, _, _ = tangents
-    y, m = _standardize(spec, x, scale, bias, mask, fallback)
-    used, inv = _used(spec, m, fallback)
+    m, used, inv, s = _statistics(spec, x, mask, fallback)
+    y = _output(spec, x, scale, bias, used, inv, s)
     # Checkpointed, the tangent maps keep only their inputs (x and
     # per-feature vectors) for the reverse pass, which recomputes x_hat. The
     # collective stays outside: checkpoints lose vmap's named axes.
     remat = lambda f: jax.checkpoint(functools.partial(f, spec), prevent_cse=False)
-    sums = group_sum(remat(_tangent_sums)(x, mask, used, inv, dx), spec.sync)
+    sums = group_sum(remat(_tangent_sums)(x, mask, used, inv, s, dx), spec.sync)
     means = sums / jnp.maximum(m.count, 1)
-    dy, dm = remat(_tangent)(x, scale, mask, m, used, inv, means, dx, dscale, dbias)
+    dy, dm = remat(_tangent)(x, scale, mask, m, used, inv, s, means, dx, dscale, dbias)
     return (y, m), (dy, dm)
 
 
-def _tangent_sums(spec, x, mask, m, inv, dx):
+def _tangent_sums(spec, x, mask, used, inv, s, dx):
     """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries."""
     dxf = dx.astype(compute_dtype(x.dtype))
-    xhat = _standard(*_schedule.private((x, m, inv), 4), spec.center)
+    xhat = _standard(*_schedule.private((x, used, inv, s), 4), spec.center)
     if mask is not None:
         xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
     sums = [_sum(_real_product(xhat, dxf), spec.axes)]
@@ -366,12 +410,13 @@ def _tangent_sums(spec, x, mask, m, inv, dx):
     return jnp.stack(sums)
 
 
-def _tangent(spec, x, scale, mask, m, used, inv, means, dx, dscale, dbias):
+def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
     r"""The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
 
     With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` (of the
-    moments ``used``) and ``means`` the means of ``Re(conj(x_hat) * dx)`` and
-    ``dx`` over the valid entries (and the ``sync`` axes):
+    moments ``used``, at scale ``s``: see :func:`_statistics`) and ``means``
+    the means of ``Re(conj(x_hat) * dx)`` and ``dx`` over the valid entries
+    (and the ``sync`` axes):
 
     .. math::
       d\hat x = inv \, \big(dx - \overline{dx} - \hat x \,
@@ -384,12 +429,13 @@ def _tangent(spec, x, scale, mask, m, used, inv, means, dx, dscale, dbias):
     before they are broadcast, so the reverse pass reduces ``sum(g)`` and
     ``sum(g * x_hat)`` once each.
     """
-    xhat = _standard(*_schedule.private((x, used, inv), 5), spec.center)
+    xhat = _standard(*_schedule.private((x, used, inv, s), 5), spec.center)
     if mask is not None:
         # Masked padding may hold NaN or inf: with no cotangent there, it must
         # not reach the sums of the reverse pass.
         xhat = jnp.where(mask | jnp.isfinite(xhat), xhat, 0)
     spread = means[0].real
+    inv = inv if s is None else inv * s  # per unit of x
     factor = inv if scale is None else inv * scale
     slope = -factor * spread if dscale is None else dscale - factor * spread
     dy = factor * dx.astype(compute_dtype(x.dtype)) + xhat * slope
