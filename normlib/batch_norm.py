@@ -229,11 +229,19 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
     ``mean + (mu_B - mean) / (count + 1)``), likewise for ``var`` with
     ``sigma_B^2``, or ``sigma_B^2 * n / (n - 1)`` if ``unbiased_running_var``
     (PyTorch's convention). ``count`` grows by one. Features with no valid
-    entry keep their running statistics bit-for-bit. (``count`` is one number
-    for all features, so with ``momentum=None`` a feature masked out of a
-    whole batch is later averaged as if it had seen that batch; masks that
-    drop whole examples, as padding does, are exact.) In evaluation mode, ``y``
-    uses the running statistics and the state is returned unchanged.
+    entry (all masked, or a batch of 0) are normalized with the running
+    statistics and keep them bit-for-bit; an empty batch returns an empty
+    ``y`` and the state unchanged. (``count`` is one number for all
+    features, so with ``momentum=None`` a feature masked out of a whole batch
+    is later averaged as if it had seen that batch; masks that drop whole
+    examples, as padding does, are exact.) In evaluation mode, ``y`` uses the
+    running statistics, the state is returned unchanged and ``axis_name`` is
+    not used (evaluation runs outside the mapped context too).
+
+    Complex ``x`` is centered by its complex mean and scaled by the real
+    variance ``mean(|x - mean|**2)``; its state needs a complex running mean
+    (``init_batch_norm(n, dtype=jnp.complex64)``). float8 ``x`` computes in
+    float32.
 
     Moments are float32 (or wider) for any input dtype, stable for data whose
     mean is far larger than its spread, and exact across devices: with
@@ -265,7 +273,8 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
       zero_debias: treat the running statistics as a zero-initialized
         exponential moving average divided by ``1 - momentum**count`` (Adam's
         bias correction): the first batch replaces the mean-0/var-1 prior
-        instead of being averaged with it.
+        instead of being averaged with it. At ``momentum=1`` this is its
+        limit, the average of all batches (as ``momentum=None``).
 
     Returns:
       ``(y, new_state)``; ``y`` has ``x``'s dtype and shape.

@@ -4,8 +4,9 @@ Each module has Flax's fields, defaults, call signature and variables
 (``params/scale``, ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``,
 same names, shapes and dtypes), so a model moves over by changing its import
 and an existing checkpoint loads unchanged. The modules only create variables
-and call normlib's functions, so the statistics are always float32 and
-two-pass: the results are Flax's with ``use_fast_variance=False``.
+and call normlib's functions, so the statistics are always float32 (or
+wider) and at least as accurate as Flax's ``use_fast_variance=False`` path:
+equal to float32 rounding on ordinary data, more accurate on offset data.
 
 Not copied from Flax: ``use_fast_variance`` (normlib is always stable) and
 ``force_float32_reductions`` (statistics are always float32 or wider).

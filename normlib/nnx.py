@@ -4,8 +4,8 @@ Each module has Flax's constructor, call signature and state (``scale`` and
 ``bias`` as ``nnx.Param``; ``mean`` and ``var`` as float32 ``nnx.BatchStat``),
 so a model moves over by changing its import and its state loads unchanged.
 The modules only hold variables and call normlib's functions: the
-statistics are always float32 and two-pass, as Flax's with
-``use_fast_variance=False``. ``.train()``/``.eval()``, ``nnx.view``,
+statistics are always float32 (or wider) and at least as accurate as
+Flax's ``use_fast_variance=False`` path (more accurate on offset data). ``.train()``/``.eval()``, ``nnx.view``,
 ``nnx.jit``, ``nnx.vmap`` and ``nnx.split``/``nnx.merge`` work as with Flax's.
 
 Not copied from Flax: ``use_fast_variance`` (normlib is always stable);

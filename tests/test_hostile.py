@@ -1,0 +1,385 @@
+"""Hostile input and Flax conformance: each test here failed before it was fixed.
+
+References are float64 NumPy written here, and flax.linen/flax.nnx where
+normlib promises Flax's behaviour.
+"""
+
+import math
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import normlib as nl
+import normlib.linen as nln
+import normlib.nnx as nnn
+
+RNG = np.random.default_rng(11)
+
+
+def np_moments(x, axes, mask=None):
+    """float64 mean (complex for complex x) and biased variance mean(|x - mean|**2)."""
+    x = np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+    w = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    n = w.sum(axis=axes, keepdims=True)
+    mean = (w * x).sum(axis=axes, keepdims=True) / n
+    var = (w * np.abs(x - mean) ** 2).sum(axis=axes, keepdims=True) / n
+    return mean, var
+
+
+def complex_data(shape, offset=3 - 2j):
+    return (RNG.standard_normal(shape) + 1j * RNG.standard_normal(shape) + offset).astype(
+        np.complex64)
+
+
+# 1. axis_name matters only for batch statistics.
+
+def test_evaluation_with_axis_name_runs_outside_a_mapped_context():
+    x = jnp.asarray(RNG.standard_normal((8, 3)), jnp.float32)
+    state = nl.BatchNormState(jnp.full(3, 0.5), jnp.full(3, 4.0), jnp.zeros((), jnp.int32))
+    expected = (np.asarray(x, np.float64) - 0.5) / np.sqrt(4.0 + 1e-5)
+    for run in (lambda f: f(), lambda f: jax.jit(f)()):
+        y, same = run(lambda: nl.batch_norm(x, state, training=False, axis_name='batch'))
+        np.testing.assert_allclose(y, expected, rtol=1e-6)
+        for got, want in zip(same, state):
+            np.testing.assert_array_equal(got, want)
+    module = nln.BatchNorm(use_running_average=True, axis_name='batch')
+    variables = module.init(jax.random.key(0), x)
+    np.testing.assert_allclose(module.apply(variables, x), np.asarray(x) / np.sqrt(1 + 1e-5),
+                               rtol=1e-6)
+    layer = nnn.BatchNorm(3, axis_name='batch', rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(layer(x, use_running_average=True),
+                               np.asarray(x) / np.sqrt(1 + 1e-5), rtol=1e-6)
+    with pytest.raises(ValueError, match="axis 'batch' is not bound"):
+        nl.batch_norm(x, state, training=True, axis_name='batch')
+
+
+# 2. Complex input, as flax.linen accepts it.
+
+@pytest.mark.parametrize('mask', [False, True])
+def test_complex_batch_norm_matches_float64_and_keeps_complex_running_mean(mask):
+    x = complex_data((64, 5))
+    m = (RNG.random((64, 5)) < 0.7) if mask else None
+    state = nl.init_batch_norm(5, dtype=jnp.complex64)
+    assert state.mean.dtype == jnp.complex64 and state.var.dtype == jnp.float32
+    scale = jnp.asarray(RNG.random(5) + 0.5, jnp.float32)
+    bias = jnp.asarray(RNG.standard_normal(5), jnp.float32)
+    y, new = nl.batch_norm(jnp.asarray(x), state, scale, bias, training=True, momentum=0.9,
+                           mask=m)
+    mean, var = np_moments(x, 0, m)
+    expected = (x.astype(np.complex128) - mean) / np.sqrt(var + 1e-5) * np.asarray(scale) + np.asarray(bias)
+    assert y.dtype == jnp.complex64
+    np.testing.assert_allclose(y, expected, atol=2e-6)
+    np.testing.assert_allclose(new.mean, 0.1 * mean[0], atol=1e-6)
+    np.testing.assert_allclose(new.var, 0.9 + 0.1 * var[0], rtol=1e-6)
+    assert new.mean.dtype == jnp.complex64 and new.var.dtype == jnp.float32
+    y_eval, _ = nl.batch_norm(jnp.asarray(x), new, training=False)
+    np.testing.assert_allclose(
+        y_eval, (x - np.asarray(new.mean)) / np.sqrt(np.asarray(new.var) + 1e-5), atol=2e-6)
+
+
+def test_complex_per_example_normalizers_match_float64():
+    x = complex_data((4, 6, 8))
+    x128 = x.astype(np.complex128)
+    mean, var = np_moments(x, -1)
+    np.testing.assert_allclose(nl.layer_norm(jnp.asarray(x)),
+                               (x128 - mean) / np.sqrt(var + 1e-6), atol=2e-6)
+    ms = (np.abs(x128) ** 2).mean(-1, keepdims=True)
+    np.testing.assert_allclose(nl.rms_norm(jnp.asarray(x)), x128 / np.sqrt(ms + 1e-6), atol=2e-6)
+    mean, var = np_moments(x, 1)
+    np.testing.assert_allclose(nl.instance_norm(jnp.asarray(x)),
+                               (x128 - mean) / np.sqrt(var + 1e-5), atol=2e-6)
+    grouped = x128.reshape(4, 6, 2, 4)
+    mean, var = np_moments(grouped, (1, 3))
+    np.testing.assert_allclose(nl.group_norm(jnp.asarray(x), num_groups=2),
+                               ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), atol=2e-6)
+
+
+def test_complex_flax_modules_match_flax_linen():
+    x = jnp.asarray(complex_data((16, 3)))
+    x128 = np.asarray(x, np.complex128)
+    mean, var = np_moments(x128, -1)
+    rms = np.sqrt((np.abs(x128) ** 2).mean(-1, keepdims=True) + 1e-6)
+    for ours, theirs, kw, expected in (
+            (nln.LayerNorm, fnn.LayerNorm, {}, (x128 - mean) / np.sqrt(var + 1e-6)),
+            (nln.RMSNorm, fnn.RMSNorm, {}, x128 / rms),
+            (nln.GroupNorm, fnn.GroupNorm, {'num_groups': 1}, (x128 - mean) / np.sqrt(var + 1e-6))):
+        variables = theirs(**kw).init(jax.random.key(0), x)
+        y = ours(**kw).apply(variables, x)
+        np.testing.assert_allclose(y, expected, atol=2e-6)
+        # flax's default (fast) variance loses digits on these 3-entry rows
+        np.testing.assert_allclose(y, theirs(**kw).apply(variables, x), atol=3e-5)
+    variables = fnn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
+    outs = []
+    for module in (fnn.BatchNorm(), nln.BatchNorm()):
+        y, updates = module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+        outs.append((y, updates['batch_stats']['mean'], updates['batch_stats']['var'],
+                     module.apply({**variables, **updates}, x, use_running_average=True)))
+    for ours, theirs in zip(*outs):
+        np.testing.assert_allclose(ours, theirs, atol=3e-6)
+    layer = nnn.BatchNorm(3, rngs=nnx.Rngs(0))
+    layer(x, use_running_average=False)
+    assert layer.mean[...].dtype == jnp.complex64  # flax.nnx drops the imaginary part here
+    np.testing.assert_allclose(layer.mean[...], outs[0][1], atol=1e-6)
+
+
+def test_complex_gradients_forward_and_reverse():
+    x = jnp.asarray(complex_data((6, 3)))
+    mask = jnp.asarray(RNG.random((6, 3)) < 0.8).at[0].set(True)
+    state = nl.init_batch_norm(3, dtype=jnp.complex128)
+    with jax.enable_x64(True):
+        x64 = x.astype(jnp.complex128)
+        state = nl.init_batch_norm(3, dtype=jnp.complex128)
+        check_grads(lambda v: nl.batch_norm(v, state, training=True, mask=mask)[0], (x64,),
+                    order=2, modes=('fwd', 'rev'))
+        check_grads(lambda v: nl.layer_norm(v, mask=mask), (x64,), order=2, modes=('fwd', 'rev'))
+        check_grads(lambda v: nl.rms_norm(v), (x64,), order=1, modes=('fwd', 'rev'))
+
+
+def test_complex_sharded_equals_global_batch():
+    x = jnp.asarray(complex_data((4, 16, 3), offset=100 + 50j))
+    state = nl.init_batch_norm(3, dtype=jnp.complex64)
+    y, new = jax.vmap(lambda v: nl.batch_norm(v, state, training=True, axis_name='i'),
+                      axis_name='i', out_axes=(0, None))(x)
+    y1, new1 = nl.batch_norm(x.reshape(64, 3), state, training=True)
+    np.testing.assert_allclose(y.reshape(64, 3), y1, atol=2e-6)
+    np.testing.assert_allclose(new.mean, new1.mean, atol=1e-6)
+    np.testing.assert_allclose(new.var, new1.var, rtol=1e-6)
+
+
+def test_complex_is_rejected_clearly_where_unsupported():
+    x = jnp.asarray(complex_data((8, 3)))
+    with pytest.raises(TypeError, match='complex input needs a complex running mean'):
+        nl.batch_norm(x, nl.init_batch_norm(3), training=True)
+    for f in (lambda: nl.l1_batch_norm(x, nl.init_batch_norm(3, jnp.complex64), training=True),
+              lambda: nl.batch_renorm(x, nl.init_batch_norm(3, jnp.complex64), training=True,
+                                      r_max=3, d_max=5)):
+        with pytest.raises(TypeError, match='x must have a real floating-point dtype, got complex64'):
+            f()
+
+
+# 3. Instance norm with nothing to reduce.
+
+@pytest.mark.parametrize('shape, axis', [((4, 3), -1), ((4, 5, 3), (1, 2))])
+def test_instance_norm_with_no_axis_left_returns_the_bias_like_flax(shape, axis):
+    x = jnp.asarray(RNG.standard_normal(shape), jnp.float32)
+    bias = jnp.asarray(RNG.standard_normal(shape[1:]), jnp.float32)
+    y = nl.instance_norm(x, jnp.ones(shape[1:]), bias, axis=axis)
+    np.testing.assert_array_equal(y, np.broadcast_to(bias, shape))
+    grad = jax.grad(lambda v: nl.instance_norm(v, axis=axis).sum())(x)
+    np.testing.assert_array_equal(grad, 0)
+    variables = fnn.InstanceNorm(feature_axes=axis).init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: v + 0.25, variables)
+    np.testing.assert_allclose(nln.InstanceNorm(feature_axes=axis).apply(variables, x),
+                               fnn.InstanceNorm(feature_axes=axis).apply(variables, x))
+
+
+# 4. A feature with no valid entry.
+
+def test_all_masked_feature_is_normalized_with_the_running_statistics():
+    x = jnp.asarray(RNG.standard_normal((16, 3)) * 3 + 5, jnp.float32)
+    mask = np.ones((16, 3), bool)
+    mask[:, 1] = False
+    state = nl.BatchNormState(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 9.0, 16.0]),
+                              jnp.asarray(7, jnp.int32))
+    x64 = np.asarray(x, np.float64)
+    for name, run in {
+            'batch_norm': lambda v: nl.batch_norm(v, state, training=True, mask=mask),
+            'ghost': lambda v: nl.batch_norm(v, state, training=True, mask=mask,
+                                             virtual_batch_size=8),
+            'renorm': lambda v: nl.batch_renorm(v, state, training=True, mask=mask, r_max=3,
+                                                d_max=5),
+            'l1': lambda v: nl.l1_batch_norm(v, state, training=True, mask=mask)}.items():
+        y, new = run(x)
+        np.testing.assert_allclose(y[:, 1], (x64[:, 1] - 2) / np.sqrt(9 + 1e-5), rtol=1e-6,
+                                   err_msg=name)
+        assert float(new.mean[1]) == 2.0 and float(new.var[1]) == 9.0, name
+        grad = jax.grad(lambda v: (run(v)[0] ** 2).sum())(x)
+        assert np.isfinite(grad).all(), name
+        np.testing.assert_allclose(grad[:, 1], 2 * np.asarray(y[:, 1]) / np.sqrt(9 + 1e-5),
+                                   rtol=1e-5, err_msg=name)
+
+
+def test_all_masked_row_gives_the_bias_with_zero_gradient():
+    x = jnp.asarray(RNG.standard_normal((3, 8)) * 3 + 5, jnp.float32)
+    mask = np.ones((3, 8), bool)
+    mask[1] = False
+    bias = jnp.asarray(RNG.standard_normal(8), jnp.float32)
+    y = nl.layer_norm(x, jnp.full(8, 2.0), bias, mask=mask)
+    np.testing.assert_array_equal(y[1], bias)
+    mean, var = np_moments(x, -1, mask)
+    np.testing.assert_allclose(y[0], ((x - mean) / np.sqrt(var + 1e-6))[0] * 2 + bias, rtol=1e-5)
+    grad = jax.grad(lambda v: (nl.layer_norm(v, mask=mask) ** 2).sum())(x)
+    np.testing.assert_array_equal(grad[1], 0)
+    np.testing.assert_array_equal(nl.rms_norm(x, mask=mask)[1], 0)
+
+
+# 6. Empty batches.
+
+@pytest.mark.parametrize('variant', ['plain', 'masked', 'ghost', 'l1', 'renorm'])
+def test_empty_batch_returns_empty_output_and_unchanged_state(variant):
+    state = nl.BatchNormState(jnp.asarray([1.0, 2.0]), jnp.asarray([3.0, 4.0]),
+                              jnp.asarray(5, jnp.int32))
+    x = jnp.zeros((0, 7, 2), jnp.float32)
+    run = {
+        'plain': lambda v: nl.batch_norm(v, state, training=True),
+        'masked': lambda v: nl.batch_norm(v, state, training=True, mask=jnp.ones(v.shape, bool)),
+        'ghost': lambda v: nl.batch_norm(v, state, training=True, virtual_batch_size=4),
+        'l1': lambda v: nl.l1_batch_norm(v, state, training=True),
+        'renorm': lambda v: nl.batch_renorm(v, state, training=True, r_max=3, d_max=5),
+    }[variant]
+    y, new = jax.jit(run)(x)
+    assert y.shape == x.shape
+    for got, want in zip(new, state):
+        np.testing.assert_array_equal(got, want)
+    assert jax.grad(lambda v: run(v)[0].sum())(x).shape == x.shape
+
+
+# 7. Non-finite padding.
+
+@pytest.mark.parametrize('variant', ['batch_norm', 'l1', 'renorm', 'layer_norm'])
+def test_nan_and_inf_in_masked_entries_leave_gradients_untouched(variant):
+    x = RNG.standard_normal((12, 4)).astype(np.float32)
+    mask = np.ones((12, 4), bool)
+    mask[:3] = False
+    poisoned = x.copy()
+    poisoned[0], poisoned[1], poisoned[2] = np.nan, np.inf, -np.inf
+    state = nl.init_batch_norm(4)
+    run = {
+        'batch_norm': lambda v, s: nl.batch_norm(v, state, s, training=True, mask=mask)[0],
+        'l1': lambda v, s: nl.l1_batch_norm(v, state, s, training=True, mask=mask)[0],
+        'renorm': lambda v, s: nl.batch_renorm(v, state, s, training=True, mask=mask,
+                                               r_max=3.0, d_max=5.0)[0],
+        'layer_norm': lambda v, s: nl.layer_norm(v.T, s[:, None] * jnp.ones((4, 12)),
+                                                 mask=mask.T).T,
+    }[variant]
+    loss = lambda v, s: (jnp.where(mask, run(v, s), 0) ** 2).sum()
+    scale = jnp.asarray([1.0, 2.0, 0.5, 1.5])
+    clean = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), scale)
+    dirty = jax.grad(loss, argnums=(0, 1))(jnp.asarray(poisoned), scale)
+    np.testing.assert_allclose(dirty[0][3:], clean[0][3:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dirty[1], clean[1], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(run(jnp.asarray(poisoned), scale))[3:],
+                               np.asarray(run(jnp.asarray(x), scale))[3:], rtol=1e-6)
+
+
+# 8. zero_debias at momentum 1.
+
+def test_zero_debias_with_momentum_one_is_the_average_of_all_batches():
+    batches = [jnp.asarray(RNG.standard_normal((32, 3)) * (i + 1) + i, jnp.float32)
+               for i in range(4)]
+    state = nl.init_batch_norm(3)
+    for b in batches:
+        _, state = nl.batch_norm(b, state, training=True, momentum=1.0, zero_debias=True)
+    stacked = np.stack([np.asarray(b, np.float64) for b in batches])
+    assert np.isfinite(state.mean).all()
+    np.testing.assert_allclose(state.mean, stacked.mean(1).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(state.var, stacked.var(1).mean(0), rtol=1e-5)
+
+
+# 9. Hand-built state.
+
+@pytest.mark.parametrize('state, match', [
+    (nl.BatchNormState(jnp.zeros(3, jnp.float16), jnp.ones(3, jnp.float16),
+                       jnp.zeros((), jnp.int32)), r'state.mean must be float32 or wider.*float16'),
+    (nl.BatchNormState(jnp.zeros(3), jnp.ones(3, jnp.bfloat16), jnp.zeros((), jnp.int32)),
+     r'state.var must be float32 or wider, got bfloat16'),
+    (nl.BatchNormState(jnp.zeros(3), jnp.ones(3), 0), r'state.count must be an array, got int'),
+    (nl.BatchNormState([0.0] * 3, jnp.ones(3), jnp.zeros((), jnp.int32)),
+     r'state.mean must be an array, got list'),
+    (nl.BatchNormState(jnp.zeros(3), jnp.ones(3), jnp.zeros(())),
+     r'state.count must be an integer array'),
+])
+def test_hand_built_state_is_validated(state, match):
+    with pytest.raises(TypeError, match=match):
+        nl.batch_norm(jnp.ones((4, 3)), state, training=True)
+
+
+@pytest.mark.parametrize('bad', [4.5, True, '4', (2, 1.5)])
+def test_init_batch_norm_rejects_non_integers(bad):
+    with pytest.raises(TypeError, match='num_features must be an int or a tuple of ints'):
+        nl.init_batch_norm(bad)
+
+
+def test_init_batch_norm_takes_numpy_integers():
+    assert nl.init_batch_norm(np.int64(4)).mean.shape == (4,)
+
+
+# 10. Overflow.
+
+def _ref_layer_norm(x, center):
+    x = np.asarray(x, np.float64)
+    if center:
+        x = x - x.mean(-1, keepdims=True)
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)
+
+
+@pytest.mark.parametrize('magnitude', [1e-30, 1.0, 1e18, 2.0 ** 60, 1e19, 1e25, 1e30, 1e37])
+def test_layer_and_rms_norm_are_right_across_the_float32_range(magnitude):
+    x = (RNG.standard_normal((4, 64)) * magnitude).astype(np.float32)
+    np.testing.assert_allclose(nl.layer_norm(jnp.asarray(x)), _ref_layer_norm(x, True),
+                               atol=2e-6)
+    np.testing.assert_allclose(nl.rms_norm(jnp.asarray(x)), _ref_layer_norm(x, False),
+                               atol=2e-6)
+    grouped = nl.group_norm(jnp.asarray(x.reshape(4, 8, 8)), num_groups=1).reshape(4, 64)
+    np.testing.assert_allclose(grouped, _ref_layer_norm(x, True) * np.sqrt(1 + 1e-6) /
+                               np.sqrt(1 + 1e-5), atol=2e-5)
+
+
+def test_layer_norm_at_float32_extremes_and_its_gradient():
+    x = jnp.asarray([[3e38, -3e38, 1e38, 0.0], [3.0, -3.0, 1.0, 0.0]], jnp.float32)
+    np.testing.assert_allclose(nl.layer_norm(x), _ref_layer_norm(x, True), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(nl.rms_norm(x), _ref_layer_norm(x, False), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(nl.layer_norm(x)[0], nl.layer_norm(x)[1], rtol=1e-6)
+    # Above 2**60 the rows are scaled: the gradient there is the unscaled one over 1e18.
+    grad = jax.grad(lambda v: (nl.layer_norm(v) ** 3).sum())(x[1:] * 1e18)
+    ref = jax.grad(lambda v: (nl.layer_norm(v) ** 3).sum())(x[1:])
+    np.testing.assert_allclose(grad * 1e18, ref, rtol=1e-5)
+
+
+def test_scaling_is_exact_across_the_threshold():
+    """A power-of-two multiple normalizes to the same output on either side of 2**60."""
+    x = jnp.asarray(RNG.standard_normal((8, 32)), jnp.float32) * 2.0 ** 58
+    outputs = [np.asarray(nl.layer_norm(x * 2.0 ** k, epsilon=1e-30)) for k in range(5)]
+    for y in outputs[1:]:
+        np.testing.assert_array_equal(y, outputs[0])
+
+
+# 11. Messages and dtypes.
+
+def test_scale_that_does_not_broadcast_names_the_argument():
+    with pytest.raises(ValueError, match=r'scale has shape \(2, 5, 1\), which does not broadcast'):
+        nl.layer_norm(jnp.ones((2, 3, 4)), jnp.ones((2, 5, 1)))
+    with pytest.raises(ValueError, match=r'scale has shape \(2, 5, 1\), which does not broadcast'):
+        nl.rms_norm(jnp.ones((2, 3, 4)), jnp.ones((2, 5, 1)))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_float8_input_computes_in_float32(dtype):
+    x = jnp.asarray(RNG.standard_normal((64, 4)) * 2 + 1, jnp.float32).astype(dtype)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    state = nl.init_batch_norm(4)
+    y, new = nl.batch_norm(x, state, jnp.ones(4, dtype), training=True)
+    assert y.dtype == dtype
+    mean, var = np_moments(x64, 0)
+    np.testing.assert_allclose(new.mean, 0.01 * mean[0], rtol=1e-5)
+    np.testing.assert_allclose(y.astype(jnp.float32), ((x64 - mean) / np.sqrt(var + 1e-5)),
+                               rtol=0.13, atol=0.02)
+    mean, var = np_moments(x64, -1)
+    np.testing.assert_allclose(nl.layer_norm(x).astype(jnp.float32),
+                               (x64 - mean) / np.sqrt(var + 1e-6), rtol=0.13, atol=0.02)
+
+
+def test_virtual_batch_size_takes_numpy_integers_and_rejects_floats():
+    x = jnp.asarray(RNG.standard_normal((8, 3)), jnp.float32)
+    state = nl.init_batch_norm(3)
+    a, _ = nl.batch_norm(x, state, training=True, virtual_batch_size=np.int64(4))
+    b, _ = nl.batch_norm(x, state, training=True, virtual_batch_size=4)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match='virtual_batch_size must be a positive int'):
+        nl.batch_norm(x, state, training=True, virtual_batch_size=4.0)
+    assert math.isfinite(float(a.sum()))
