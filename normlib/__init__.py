@@ -6,6 +6,7 @@ from normlib.batch_norm import batch_renorm
 from normlib.batch_norm import fold_batch_norm
 from normlib.batch_norm import init_batch_norm
 from normlib.batch_norm import l1_batch_norm
+from normlib.batch_norm import lp_batch_norm
 from normlib.batch_norm import renorm_schedule
 from normlib.layer_norm import group_norm
 from normlib.layer_norm import instance_norm
@@ -40,6 +41,7 @@ __all__ = [
     'l1_batch_norm',
     'l1_normalize',
     'l2_normalize',
+    'lp_batch_norm',
     'layer_norm',
     'lp_normalize',
     'precise_batch_stats',

@@ -282,6 +282,15 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon):
     return _affine(y, scale, bias).astype(x.dtype)
 
 
+def standardize_with(x, m: Moments, *, epsilon):
+    """``((x - shift) - delta) * rsqrt(var + epsilon)`` in the compute dtype.
+
+    Normalizes with given moments, the mean kept as ``shift + delta`` so the
+    difference is exact for offset data. Plain autodiff (no custom rule).
+    """
+    return _standard(x, m, jax.lax.rsqrt(m.var + epsilon), None, True)
+
+
 def _standard(x, m: Moments, inv, scale, center):
     """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``."""
     x = x.astype(compute_dtype(x.dtype))
@@ -448,13 +457,48 @@ def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
     return dy.astype(x.dtype), dm
 
 
-def mean_absolute_deviation(x, axes, mean, *, mask=None, count, sync: Sync | None = None):
-    """``mean(|x - mean|)`` over ``axes`` and ``sync`` (valid entries), kept dims.
+def group_max(value, sync: Sync | None):
+    """``value``'s maximum over the shards of this shard's group."""
+    if sync is None:
+        return value
+    if sync.groups is None:
+        return jax.lax.pmax(value, sync.axis_name)
+    return jnp.max(_gather(value, sync.axis_name, sync.groups, sync.sizes), axis=0)
 
-    ``mean`` and ``count`` are the merged ones from :func:`moments`, so the
-    deviations of every shard are taken from the same global mean.
+
+def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None = None):
+    r"""The Lp spread of ``x`` about its mean over ``axes`` and ``sync``, kept dims.
+
+    .. math::
+      s_p = \Big(\frac{1}{n} \sum |x - \mu|^p\Big)^{1/p}, \qquad
+      s_\infty = \max |x - \mu|
+
+    over the valid entries, with ``m`` the merged :class:`Moments` of
+    :func:`moments` (so every shard deviates from the same global mean,
+    ``x - shift - delta``, exact at any offset). For ``p > 1`` the
+    deviations are measured in units of the standard deviation,
+    ``s_p = std * (mean |d / std|^p)^(1/p)``: exact for ``p = 2``, and free
+    of overflow and underflow for any ``p`` the data allow. ``s_p`` does
+    not depend on the unit, so the unit carries no gradient. Masked entries
+    (even NaN or inf) add nothing, gradient included. One collective.
     """
-    if mask is not None:  # masked padding (even NaN or inf) deviates by 0, gradient included
-        x = jnp.where(mask, x, mean)
-    deviation = jnp.abs(x - mean)
-    return group_sum(_sum(deviation, axes), sync) / jnp.maximum(count, 1)
+    if mask is not None:  # finite stand-ins keep NaN padding out of the gradient
+        x = jnp.where(mask, x, m.shift)
+    magnitude = jnp.abs((x - m.shift) - m.delta)
+    if mask is not None:
+        magnitude = jnp.where(mask, magnitude, 0)
+    if np.isinf(p):
+        return group_max(jnp.max(magnitude, axis=axes, keepdims=True), sync)
+    if p == 1:
+        return group_sum(_sum(magnitude, axes), sync) / jnp.maximum(m.count, 1)
+    std = jnp.sqrt(m.var)
+    unit = jax.lax.stop_gradient(jnp.where(std > 0, std, 1))
+    ratio = magnitude / unit
+    if p == 2:
+        powered = jnp.square(ratio)
+    else:  # both wheres keep the gradient finite where a deviation is 0
+        nonzero = ratio > 0
+        powered = jnp.where(nonzero, jnp.where(nonzero, ratio, 1) ** p, 0)
+    mean = group_sum(_sum(powered, axes), sync) / jnp.maximum(m.count, 1)
+    positive = mean > 0
+    return unit * jnp.where(positive, jnp.where(positive, mean, 1) ** (1 / p), 0)

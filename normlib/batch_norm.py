@@ -361,6 +361,45 @@ def _masked_affine(call, standard, v):
     return jnp.where(ok, affine(jnp.where(ok, v, 0)), jax.lax.stop_gradient(affine(v)))
 
 
+def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
+                  training: bool, axis=-1, momentum: float | None = 0.99,
+                  epsilon: float = 1e-5, axis_name=None, axis_index_groups=None, mask=None,
+                  unbiased_running_var: bool = False, zero_debias: bool = False):
+    r"""Lp batch normalization (Santurkar, Tsipras, Ilyas & Madry, 2018, Section 3.3).
+
+    Batch norm with the standard deviation replaced by the Lp spread of the
+    centered activations:
+
+    .. math::
+      s_B = \Big(\frac{1}{n}\sum |x - \mu_B|^p\Big)^{1/p}\ (p = \infty:
+      \max |x - \mu_B|), \qquad
+      y = \frac{x - \mu_B}{\sqrt{s_B^2 + \epsilon}} \cdot scale + bias
+
+    ``p = 2`` is :func:`batch_norm`. Everything else is batch norm's: the
+    running ``var`` tracks :math:`s_B^2` (times ``n / (n - 1)`` if
+    ``unbiased_running_var``), so evaluation mode is batch norm's; masks,
+    empty features and ``axis_name`` work the same (two collectives: the
+    moments, then the deviations from the global mean). :math:`\mu_B` is
+    exact at any offset (:func:`batch_norm`'s moments) and :math:`s_B` is
+    computed in units of the standard deviation, so large ``p`` neither
+    overflows nor underflows. Gradients, in forward and reverse mode, flow
+    through :math:`\mu_B` and :math:`s_B` (at ``p = inf`` through the
+    largest deviation).
+
+    Args:
+      p: the exponent, > 0, or ``float('inf')``.
+      Others: as in :func:`batch_norm`.
+
+    References:
+      Santurkar, Tsipras, Ilyas & Madry, `How Does Batch Normalization Help
+      Optimization? <https://arxiv.org/abs/1805.11604>`_, NeurIPS 2018.
+    """
+    p = _checks.positive('p', p)
+    call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
+                       axis_index_groups, mask, complex_ok=False)
+    return _spread_norm(call, state, p, 1.0, training, unbiased_running_var, zero_debias)
+
+
 def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: bool,
                   axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
                   axis_name=None, axis_index_groups=None, mask=None,
@@ -375,11 +414,14 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
       s_B = \sqrt{\pi / 2}\ \frac{1}{n}\sum |x - \mu_B|, \qquad
       y = \frac{x - \mu_B}{\sqrt{s_B^2 + \epsilon}} \cdot scale + bias
 
-    Everything else is :func:`batch_norm`'s: the running ``var`` tracks
-    :math:`s_B^2` (times ``n / (n - 1)`` if ``unbiased_running_var``), so
-    evaluation mode is batch norm's; masks and ``axis_name`` work the same
-    (two collectives: the mean, then the deviations from it). Gradients flow
-    through :math:`\mu_B` and :math:`s_B`.
+    This is :func:`lp_batch_norm` at ``p = 1`` with its spread multiplied
+    by :math:`\sqrt{\pi / 2}` (the ratio of the standard deviation to the
+    mean absolute deviation of a Gaussian). Everything else is
+    :func:`batch_norm`'s: the running ``var`` tracks :math:`s_B^2` (times
+    ``n / (n - 1)`` if ``unbiased_running_var``), so evaluation mode is
+    batch norm's; masks and ``axis_name`` work the same (two collectives:
+    the mean, then the deviations from it). Gradients flow through
+    :math:`\mu_B` and :math:`s_B`.
 
     References:
       Hoffer, Banner, Golan & Soudry, `Norm matters: efficient and accurate
@@ -387,6 +429,12 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
     """
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
                        axis_index_groups, mask, complex_ok=False)
+    return _spread_norm(call, state, 1.0, math.sqrt(math.pi / 2), training,
+                        unbiased_running_var, zero_debias)
+
+
+def _spread_norm(call, state, p, factor, training, unbiased_running_var, zero_debias):
+    """Batch norm with the spread ``factor * lp_deviation`` in place of the std."""
     if not training:
         return _evaluate(call), state
     reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
@@ -394,13 +442,13 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
     # Masked padding (even NaN or inf) must reach neither the moments nor their gradients.
     valid = xf if call.mask is None else jnp.where(call.mask, xf, 0)
     m = _moments.moments(valid, reduced, mask=call.mask, sync=call.sync)
-    count, mean = m.count, m.mean
-    spread = _moments.mean_absolute_deviation(valid, reduced, mean, mask=call.mask, count=count,
-                                              sync=call.sync)
-    var = (math.pi / 2) * jnp.square(spread)
+    spread = factor * _moments.lp_deviation(valid, reduced, m, p, mask=call.mask, sync=call.sync)
+    count, mean, var = m.count, m.mean, jnp.square(spread)
     seen = count > 0  # features with no valid entry: normalized with the state
-    used_mean, used_var = (jnp.where(seen, v, s) for v, s in zip((mean, var), call.fallback))
-    standard = lambda v: _moments.normalize(v, used_mean, used_var, epsilon=call.epsilon)
+    fallback_mean, fallback_var = call.fallback
+    used = _moments.Moments(count, jnp.where(seen, m.shift, fallback_mean),
+                            jnp.where(seen, m.delta, 0), jnp.where(seen, var, fallback_var))
+    standard = lambda v: _moments.standardize_with(v, used, epsilon=call.epsilon)
     y = _masked_affine(call, standard, xf).astype(call.x.dtype)
     count, mean, var = (jnp.broadcast_to(jax.lax.stop_gradient(m), call.broadcast)
                         .reshape(call.features) for m in (count, mean, var))
