@@ -19,6 +19,7 @@ sys.path.insert(0, str(EXAMPLES))
 import _data  # noqa: E402
 import bn_mnist  # noqa: E402
 import flax_resnet  # noqa: E402
+import loss_landscape  # noqa: E402
 import lr_robustness  # noqa: E402
 
 needs_mnist = pytest.mark.skipif(
@@ -202,3 +203,50 @@ def test_examples_run_as_scripts():
                          capture_output=True, text=True, timeout=120, cwd=REPO.parent)
     assert out.returncode == 0, out.stderr
     assert '--base-lr' in out.stdout and '--data-dir' in out.stdout
+
+
+def test_loss_landscape_measures_match_a_direct_computation():
+    """One measurement, recomputed here with plain NumPy steps along the gradient."""
+    data = _data.load_digits()
+    import jax
+    import jax.numpy as jnp
+    params = loss_landscape.init_params(jax.random.key(0), 64, 10, False)
+    x, y = jnp.asarray(data.x_train[:64]), jnp.asarray(data.y_train[:64])
+    etas = np.array([0.05, 0.2])
+    loss, lo, hi, change_lo, change_hi, beta = loss_landscape.landscape(
+        'none', params, (), x, y, jnp.asarray(etas, jnp.float32))
+    value_and_grad = jax.value_and_grad(lambda p: loss_landscape.loss_fn('none', p, (), x, y)[0])
+    _, grads = value_and_grad(params)
+    g = np.concatenate([np.ravel(v) for v in jax.tree.leaves(grads)])
+    losses, changes = [], []
+    for eta in etas:
+        moved = jax.tree.map(lambda p, d: p - eta * d, params, grads)
+        l, gm = value_and_grad(moved)
+        losses.append(float(l))
+        changes.append(np.linalg.norm(np.concatenate([np.ravel(v) for v in jax.tree.leaves(gm)]) - g))
+    np.testing.assert_allclose([lo, hi], [min(losses), max(losses)], rtol=1e-5)
+    np.testing.assert_allclose([change_lo, change_hi], [min(changes), max(changes)], rtol=1e-4)
+    np.testing.assert_allclose(beta, max(c / (e * np.linalg.norm(g)) for c, e in zip(changes, etas)),
+                               rtol=1e-4)
+
+
+def test_loss_landscape_default_run_reproduces_the_paper(tmp_path):
+    """The default settings, as users run them: every normalized net's landscape
+    is smoother than the plain net's on all three measures (Santurkar et al., Fig. 4)."""
+    metrics = loss_landscape.main(['--out', str(tmp_path)])
+    assert_png(tmp_path / 'loss_landscape.png')
+    saved = json.loads((tmp_path / 'metrics.json').read_text())
+    assert [k for k in saved if k in loss_landscape.RUNS] == ['plain', 'bn', 'l1', 'l2', 'linf']
+    for name in loss_landscape.RUNS:
+        run = saved[name]
+        assert run['curves']['step'] == list(range(0, 1000, 20))
+        for key in loss_landscape.MEASURES:
+            assert run[key] > 0 and np.isfinite(run[key])
+        assert all(lo <= hi for lo, hi in zip(run['curves']['loss_min'], run['curves']['loss_max']))
+        assert run == json.loads(json.dumps(metrics[name]))
+    for name in ('bn', 'l1', 'l2', 'linf'):
+        assert metrics[name]['test_accuracy'] > 0.95, name
+        assert metrics[name]['loss_variation'] < 0.5 * metrics['plain']['loss_variation'], name
+        assert (metrics[name]['gradient_predictiveness']
+                < 0.5 * metrics['plain']['gradient_predictiveness']), name
+        assert metrics[name]['beta_smoothness'] < metrics['plain']['beta_smoothness'], name
