@@ -1,5 +1,7 @@
 """normlib: stable, explicit-state normalization functions for JAX."""
 
+from importlib import metadata as _metadata
+
 from normlib.batch_norm import BatchNormState
 from normlib.batch_norm import batch_norm
 from normlib.batch_norm import batch_renorm
@@ -17,6 +19,7 @@ from normlib.lp_norm import l2_normalize
 from normlib.lp_norm import lp_normalize
 from normlib.precise import precise_batch_stats
 from normlib._weight_decay import weight_decay_mask
+from normlib._info import print_environment_info
 
 _FLAX_HELPERS = ('precise_linen', 'precise_nnx')
 
@@ -28,7 +31,10 @@ def __getattr__(name):
         return getattr(precise_flax, name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
-__version__ = '0.1.0'
+try:
+    __version__ = _metadata.version('normlib')
+except _metadata.PackageNotFoundError:  # imported from a source tree, not installed
+    __version__ = '0+unknown'
 
 __all__ = [
     'BatchNormState',
@@ -47,6 +53,7 @@ __all__ = [
     'precise_batch_stats',
     'precise_linen',
     'precise_nnx',
+    'print_environment_info',
     'renorm_schedule',
     'rms_norm',
     'weight_decay_mask',

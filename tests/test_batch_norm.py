@@ -12,7 +12,6 @@ from jax.test_util import check_grads
 
 import normlib as nl
 
-torch = pytest.importorskip('torch')
 
 EPS = 1e-5
 STATIC = ('training', 'axis', 'momentum', 'epsilon', 'unbiased_running_var')
@@ -204,7 +203,7 @@ def test_momentum_none_averages_each_feature_over_the_batches_it_saw():
 
 
 @pytest.mark.parametrize('layout', ['NC', 'NCHW'])
-def test_unbiased_running_var_matches_torch(layout):
+def test_unbiased_running_var_matches_torch(layout, torch):
     shape, axis, features, _ = _layout(layout)
     rng = np.random.default_rng(5)
     module = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(

@@ -189,8 +189,7 @@ def test_fold_checks_shapes():
 
 # ------------------------------------------------------------ PyTorch interop
 
-def test_torch_batch_norm_round_trip_and_outputs():
-    torch = pytest.importorskip('torch')
+def test_torch_batch_norm_round_trip_and_outputs(torch):
     torch.manual_seed(0)
     layer = torch.nn.BatchNorm2d(5)
     with torch.no_grad():

@@ -12,7 +12,6 @@ from jax.test_util import check_grads
 
 import normlib as nl
 
-torch = pytest.importorskip('torch')
 
 
 def _axes(axis, ndim):
@@ -57,6 +56,7 @@ def np_group_norm(x, num_groups, scale=None, bias=None, *, epsilon=1e-5):
 
 def to_torch(x):
     """Channels-last float32 NumPy -> channels-first float64 torch."""
+    import torch
     x = np.moveaxis(np.asarray(x, np.float64), -1, 1)
     return torch.from_numpy(np.ascontiguousarray(x))
 
@@ -238,12 +238,13 @@ def group_results():
 
 
 def _torch(array):
+    import torch
     return torch.from_numpy(np.asarray(array, np.float64))
 
 
 @pytest.mark.parametrize('index', range(len(GROUP_CASES)),
                          ids=[f'{s}-g{g}' for s, g in GROUP_CASES])
-def test_group_norm_matches_numpy_and_torch(index, group_results):
+def test_group_norm_matches_numpy_and_torch(index, group_results, torch):
     (x, scale, bias), y = group_results[0][index]
     groups = GROUP_CASES[index][1]
     assert y.shape == x.shape and y.dtype == jnp.float32
@@ -255,7 +256,7 @@ def test_group_norm_matches_numpy_and_torch(index, group_results):
 
 @pytest.mark.parametrize('index', range(len(INSTANCE_SHAPES)),
                          ids=[str(s) for s in INSTANCE_SHAPES])
-def test_instance_norm_matches_numpy_and_torch(index, group_results):
+def test_instance_norm_matches_numpy_and_torch(index, group_results, torch):
     (x, scale, bias), y = group_results[1][index]
     spatial = tuple(range(1, x.ndim - 1))
     np.testing.assert_allclose(y, np_standardize(x, spatial, epsilon=1e-5) * scale + bias,

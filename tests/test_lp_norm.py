@@ -11,7 +11,6 @@ from jax.test_util import check_grads
 
 import normlib as nl
 
-torch = pytest.importorskip('torch')
 
 PS = [1.0, 2.0, 3.0, 0.5, math.inf]
 
@@ -55,7 +54,7 @@ def jit_results():
 
 @pytest.mark.parametrize('p', PS)
 @pytest.mark.parametrize('axis', AXES)
-def test_matches_numpy_and_torch(p, axis, jit_results):
+def test_matches_numpy_and_torch(p, axis, jit_results, torch):
     x, results = jit_results
     y = results[f'{p}, {axis}']
     assert y.dtype == jnp.float32 and y.shape == x.shape
