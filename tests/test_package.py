@@ -1,0 +1,34 @@
+"""The package's face: version, environment report, what importing loads."""
+
+import io
+import subprocess
+import sys
+from importlib import metadata
+
+import jax
+
+import normlib
+
+
+def test_version_comes_from_the_installed_metadata():
+    assert normlib.__version__ == metadata.version('normlib')
+
+
+def test_print_environment_info_names_versions_and_devices():
+    out = io.StringIO()
+    text = normlib.print_environment_info(file=out)
+    assert out.getvalue().strip() == text
+    lines = dict(line.split(': ', 1) for line in text.splitlines())
+    assert lines['normlib'] == normlib.__version__
+    assert lines['jax'] == jax.__version__
+    assert lines['flax'] == metadata.version('flax')
+    assert lines['python'].startswith('.'.join(map(str, sys.version_info[:2])))
+    assert lines['jax backend'] == jax.default_backend()
+    assert lines['jax devices'].startswith(f'{len(jax.devices())} x ')
+
+
+def test_environment_report_does_not_import_flax():
+    code = ('import sys, io, normlib; normlib.print_environment_info(io.StringIO());'
+            ' print(sorted(m for m in ("flax", "optax", "chex") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == '[]'
