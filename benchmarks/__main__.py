@@ -1,7 +1,9 @@
 """``python -m benchmarks [--smoke] [--out DIR] [--rounds N] [--gpu JSON] [--report JSON]``.
 
 Times every case, then writes ``results.json``, ``RESULTS.md`` and
-``results.png`` to ``--out`` (default: this package's folder). ``--gpu``
+``results.png`` to ``--out`` (default: this package's folder; for
+``--smoke``, ``out/benchmarks-smoke``, so that a smoke run never overwrites
+the recorded results). ``--gpu``
 adds the GPU section from a ``results.json`` written by a run on a GPU;
 ``--report`` rewrites the report of an earlier run without timing anything.
 """
@@ -104,8 +106,10 @@ def run(smoke: bool, rounds: int, min_sample_s: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='python -m benchmarks', description=__doc__.split('\n')[0])
     parser.add_argument('--smoke', action='store_true', help='tiny inputs, two rounds: seconds')
-    parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path(__file__).parent,
-                        help='folder for results.json, RESULTS.md and results.png')
+    parser.add_argument('--out', type=pathlib.Path, default=None,
+                        help='folder for results.json, RESULTS.md and results.png (default:'
+                             ' this package\'s folder, which holds the recorded results; with'
+                             ' --smoke, out/benchmarks-smoke)')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds per case')
     parser.add_argument('--gpu', type=pathlib.Path, default=GPU_RESULTS,
                         help='results.json of a GPU run, for the GPU section'
@@ -113,6 +117,9 @@ def main(argv=None) -> int:
     parser.add_argument('--report', type=pathlib.Path, default=None,
                         help='results.json of an earlier run: only write its report')
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run never overwrites the recorded results
+        args.out = (pathlib.Path('out/benchmarks-smoke') if args.smoke
+                    else pathlib.Path(__file__).parent)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
         results = json.loads(args.report.read_text())

@@ -133,7 +133,11 @@ def _gpu_section(gpu: dict | None) -> list[str]:
 
 def markdown(results: dict, gpu: dict | None = None, notes: str = '') -> str:
     m, v = results['machine'], results['versions']
-    out = ['# normlib benchmarks', '',
+    out = ['# normlib benchmarks', '']
+    if results.get('smoke'):
+        out += ['**Smoke run: tiny inputs and two rounds, to check that every path runs.'
+                ' These numbers are not measurements.**', '']
+    out += [
            f'Run {results["date"]} on {m["cpu"]} ({m["cores"]} cores, {m["memory_gib"]:.0f} GiB),'
            f' {m["platform"]}; load average {results["load"][0]:.2f} at the start,'
            f' {results["load"][1]:.2f} at the end.',
@@ -223,7 +227,8 @@ def chart(results: dict, path: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel('time / bandwidth floor (1 = moving only the must-move bytes at copy speed;'
                   ' dashed: 1.5)')
-    ax.set_title(f'normlib benchmarks, {results["machine"]["cpu"]}, {results["date"]}')
+    smoke = 'SMOKE RUN (not measurements): ' if results.get('smoke') else ''
+    ax.set_title(f'{smoke}normlib benchmarks, {results["machine"]["cpu"]}, {results["date"]}')
     ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

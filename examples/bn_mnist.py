@@ -169,8 +169,26 @@ def plot(results, path, title):
                 color=colors[name], label=labels[name])
     ax.set(xlabel='training step', ylabel='held-out accuracy',
            title='(a) held-out accuracy')
-    ax.legend(loc='lower right')
     ax.grid(alpha=0.3)
+    # Zoom on the second half of training, where the curves end a few
+    # percent apart: at full scale the final gap is a couple of pixels.
+    steps = np.asarray(results['bn']['step'])
+    late = steps >= steps[-1] / 2
+    if late.sum() >= 2:
+        tail = np.concatenate([np.asarray(results[n]['accuracy'])[late] for n in ('plain', 'bn')])
+        low = max(0.0, tail.min() - 0.01)
+        inset = ax.inset_axes([0.42, 0.12, 0.55, 0.45])
+        for name in ('plain', 'bn'):
+            inset.plot(steps[late], np.asarray(results[name]['accuracy'])[late],
+                       color=colors[name], label=labels[name])
+        inset.set_ylim(low, min(1.0, tail.max() + 0.005))
+        inset.set_title('second half, zoomed', fontsize=8)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
+        inset.legend(loc='lower right', fontsize=7)
+        ax.indicate_inset_zoom(inset, edgecolor='0.5')
+    else:
+        ax.legend(loc='lower right')
 
     lo = min(min(p[0] for p in r['sigmoid_input_percentiles'])
              for r in results.values())
@@ -181,11 +199,13 @@ def plot(results, path, title):
         steps = results[name]['step']
         p15, p50, p85 = np.array(results[name]['sigmoid_input_percentiles']).T
         ax.fill_between(steps, p15, p85, color=colors[name], alpha=0.25)
-        for p, style in ((p15, '--'), (p50, '-'), (p85, '--')):
-            ax.plot(steps, p, style, color=colors[name])
+        ax.plot(steps, p50, '-', color=colors[name], label='median (50th)')
+        ax.plot(steps, p15, '--', color=colors[name], label='15th and 85th percentiles')
+        ax.plot(steps, p85, '--', color=colors[name])
         ax.set(xlabel='training step', ylim=(lo - pad, hi + pad),
                ylabel='sigmoid input',
                title=f'({letter}) {labels[name]}: 15/50/85th percentiles')
+        ax.legend(loc='upper right', fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -213,11 +233,16 @@ def summary(results, num_rows=6):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     _data.add_args(parser)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--steps', type=int, default=3000)
-    parser.add_argument('--lr', type=float, default=DEFAULT_LR)
-    parser.add_argument('--eval-every', type=int, default=50)
-    parser.add_argument('--out', type=Path, default=Path('out/bn_mnist'))
+    parser.add_argument('--seed', type=int, default=0,
+                        help='initial weights and batch order (default: %(default)s)')
+    parser.add_argument('--steps', type=int, default=3000,
+                        help='SGD steps per net (default: %(default)s)')
+    parser.add_argument('--lr', type=float, default=DEFAULT_LR,
+                        help='SGD learning rate (default: %(default)s)')
+    parser.add_argument('--eval-every', type=int, default=50,
+                        help='steps between held-out evaluations (default: %(default)s)')
+    parser.add_argument('--out', type=Path, default=Path('out/bn_mnist'),
+                        help='folder for bn_mnist.png and metrics.json (default: %(default)s)')
     parser.add_argument('--smoke', action='store_true',
                         help='a few steps only, to check that everything runs')
     args = parser.parse_args(argv)
@@ -232,6 +257,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     data = _data.load(args.data, args.data_dir)
+    print('compiling, then training 2 nets (progress bars follow)...', flush=True)
     start = time.perf_counter()
     results = {
         name: train(data, batch_norm=name == 'bn', lr=args.lr, steps=args.steps,

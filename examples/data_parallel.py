@@ -145,11 +145,15 @@ def accuracy(params, states, data):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--mode', choices=['shard_map', 'pmap', 'both'], default='both')
-    parser.add_argument('--steps', type=int, default=200)
+    parser.add_argument('--mode', choices=['shard_map', 'pmap', 'both'], default='both',
+                        help='how the batch is split over the devices (default: %(default)s)')
+    parser.add_argument('--steps', type=int, default=200,
+                        help='training steps (default: %(default)s)')
     parser.add_argument('--batch', type=int, default=64, help='global batch, split over 8 devices')
-    parser.add_argument('--lr', type=float, default=0.05)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--lr', type=float, default=0.05,
+                        help='SGD learning rate (default: %(default)s)')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='initial weights and data (default: %(default)s)')
     parser.add_argument('--smoke', action='store_true', help='a few steps, for tests')
     args = parser.parse_args(argv)
     if args.smoke:
@@ -157,6 +161,8 @@ def main(argv=None):
     if len(jax.devices()) < DEVICES:
         parser.error(f'needs {DEVICES} devices, found {len(jax.devices())}')
     data = _data.load_digits()
+    print('compiling, then training single-device and data-parallel (progress bars follow)...',
+          flush=True)
 
     reference = train('single', data, args.steps, args.batch, args.lr, args.seed)
     results = {'single': accuracy(*reference, data)}

@@ -117,12 +117,18 @@ def make_accuracy(model):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     _data.add_args(parser)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--steps', type=int, default=300)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--lr', type=float, default=0.1)
-    parser.add_argument('--eval-every', type=int, default=50)
-    parser.add_argument('--out', type=Path, default=Path('out/flax_resnet'))
+    parser.add_argument('--seed', type=int, default=0,
+                        help='initial weights and batch order (default: %(default)s)')
+    parser.add_argument('--steps', type=int, default=300,
+                        help='training steps (default: %(default)s)')
+    parser.add_argument('--batch-size', type=int, default=64,
+                        help='examples per step (default: %(default)s)')
+    parser.add_argument('--lr', type=float, default=0.1,
+                        help='SGD-with-momentum learning rate (default: %(default)s)')
+    parser.add_argument('--eval-every', type=int, default=50,
+                        help='steps between held-out evaluations (default: %(default)s)')
+    parser.add_argument('--out', type=Path, default=Path('out/flax_resnet'),
+                        help='folder for metrics.json and the checkpoint (default: %(default)s)')
     parser.add_argument('--smoke', action='store_true',
                         help='a few steps only, to check that everything runs')
     args = parser.parse_args(argv)
@@ -137,6 +143,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     data = _data.load(args.data, args.data_dir)
+    print('compiling, then training (a progress bar follows)...', flush=True)
     images = lambda x: jnp.asarray(x.reshape(len(x), *data.image_shape, 1))
     x_train, y_train = images(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = images(data.x_test), jnp.asarray(data.y_test)

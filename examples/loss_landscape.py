@@ -247,7 +247,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     data = _data.load(args.data, args.data_dir)
-    print('compiling and training 5 runs...', flush=True)
+    print('compiling, then training 5 nets (progress bars follow)...', flush=True)
     start = time.perf_counter()
     results = {}
     for i, (name, kind) in enumerate(RUNS.items()):

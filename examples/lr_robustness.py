@@ -80,11 +80,16 @@ def table(runs):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     _data.add_args(parser)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--base-lr', type=float, default=bn_mnist.DEFAULT_LR)
-    parser.add_argument('--steps', type=int, default=2000)
-    parser.add_argument('--eval-every', type=int, default=50)
-    parser.add_argument('--out', type=Path, default=Path('out/lr_robustness'))
+    parser.add_argument('--seed', type=int, default=0,
+                        help='initial weights and batch order (default: %(default)s)')
+    parser.add_argument('--base-lr', type=float, default=bn_mnist.DEFAULT_LR,
+                        help='learning rate of the x1 runs (default: %(default)s)')
+    parser.add_argument('--steps', type=int, default=2000,
+                        help='SGD steps per net (default: %(default)s)')
+    parser.add_argument('--eval-every', type=int, default=50,
+                        help='steps between held-out evaluations (default: %(default)s)')
+    parser.add_argument('--out', type=Path, default=Path('out/lr_robustness'),
+                        help='folder for lr_robustness.png and metrics.json (default: %(default)s)')
     parser.add_argument('--smoke', action='store_true',
                         help='a few steps only, to check that everything runs')
     args = parser.parse_args(argv)
@@ -99,6 +104,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     data = _data.load(args.data, args.data_dir)
+    print('compiling, then training 6 nets (progress bars follow)...', flush=True)
     start = time.perf_counter()
     runs = {}
     for multiplier in MULTIPLIERS:

@@ -26,4 +26,21 @@ def test_smoke_run_writes_results(tmp_path):
     for heading in ('## Targets', '## Timings (ms)', '## Profile', '## Training-step memory',
                     '## Stability', '## GPU'):
         assert heading in report
+    assert 'Smoke run' in report and 'not measurements' in report
     assert (tmp_path / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_smoke_run_leaves_the_recorded_results_alone(tmp_path):
+    from benchmarks import __main__ as cli
+    recorded = {p: p.read_bytes() for p in (ROOT / 'benchmarks').glob('results.*')}
+    report = ROOT / 'benchmarks' / 'RESULTS.md'
+    recorded[report] = report.read_bytes()
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # only the report of a recorded run: the default folder is what is checked
+        cli.main(['--smoke', '--report', str(ROOT / 'benchmarks' / 'results.json')])
+    finally:
+        os.chdir(old)
+    assert (tmp_path / 'out' / 'benchmarks-smoke' / 'RESULTS.md').exists()
+    for path, content in recorded.items():
+        assert path.read_bytes() == content, path

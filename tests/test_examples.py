@@ -250,3 +250,27 @@ def test_loss_landscape_default_run_reproduces_the_paper(tmp_path):
         assert (metrics[name]['gradient_predictiveness']
                 < 0.5 * metrics['plain']['gradient_predictiveness']), name
         assert metrics[name]['beta_smoothness'] < metrics['plain']['beta_smoothness'], name
+
+
+@pytest.mark.parametrize('name', ['bn_mnist', 'lr_robustness', 'loss_landscape', 'flax_resnet',
+                                  'data_parallel'])
+def test_every_example_option_has_help_text(name, monkeypatch):
+    import argparse
+    import importlib
+    module = importlib.import_module(name)
+    seen = []
+
+    class Parsed(Exception):
+        pass
+
+    def capture(parser, args=None, namespace=None):
+        seen.append(parser)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', capture)
+    with pytest.raises(Parsed):
+        (module.parse_args if hasattr(module, 'parse_args') else module.main)([])
+    actions = [a for a in seen[0]._actions if a.dest != 'help']
+    assert actions
+    for action in actions:
+        assert action.help, f'{name}: {action.option_strings} has no help text'
