@@ -51,8 +51,6 @@ __all__ = [
     'layer_norm',
     'lp_normalize',
     'precise_batch_stats',
-    'precise_linen',
-    'precise_nnx',
     'print_environment_info',
     'renorm_schedule',
     'rms_norm',

@@ -22,6 +22,12 @@ def print_environment_info(file=None) -> str:
 
     Args:
       file: where to print (default ``sys.stdout``).
+
+    Example:
+        >>> import io, normlib
+        >>> report = normlib.print_environment_info(io.StringIO())
+        >>> report.splitlines()[0] == f'normlib: {normlib.__version__}'
+        True
     """
     lines = []
     for name in _PACKAGES:

@@ -65,6 +65,14 @@ def weight_decay_mask(params, *, norm_names: Iterable[str] = ()):
     Returns:
       Booleans with the structure of ``params`` (Linen) or of
       ``nnx.state(params, nnx.Param)`` (NNX).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, normlib
+        >>> params = {'Dense_0': {'kernel': jnp.ones((2, 3)), 'bias': jnp.zeros(3)},
+        ...           'BatchNorm_0': {'scale': jnp.ones(3), 'bias': jnp.zeros(3)}}
+        >>> normlib.weight_decay_mask(params)
+        {'BatchNorm_0': {'bias': False, 'scale': False}, 'Dense_0': {'bias': True, 'kernel': True}}
+        >>> tx = optax.adamw(1e-3, weight_decay=1e-4, mask=normlib.weight_decay_mask(params))
     """
     norm_names = frozenset(norm_names)
     nnx = sys.modules.get('flax.nnx')

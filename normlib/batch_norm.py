@@ -36,6 +36,14 @@ def init_batch_norm(num_features: int | tuple[int, ...],
       dtype: dtype of ``mean`` and ``var``: float32 or wider, or complex64 or
         wider for complex input (then ``mean`` is complex and ``var`` has the
         matching real dtype).
+
+    Example:
+        >>> import normlib
+        >>> state = normlib.init_batch_norm(3)
+        >>> state.mean.tolist(), state.var.tolist(), int(state.count)
+        ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
+        >>> normlib.init_batch_norm((2, 3)).mean.shape
+        (2, 3)
     """
     shape = (num_features,) if not isinstance(num_features, (tuple, list)) else tuple(num_features)
     shape = tuple(_checks.integer('num_features', d, 'an int or a tuple of ints') for d in shape)
@@ -285,6 +293,40 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
       <https://arxiv.org/abs/1502.03167>`_, 2015.
       Hoffer, Hubara & Soudry, `Train longer, generalize better
       <https://arxiv.org/abs/1705.08741>`_, 2017.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> x = jax.random.normal(jax.random.key(0), (32, 4)) * 3 + 5
+        >>> state = normlib.init_batch_norm(4)
+        >>> y, state = normlib.batch_norm(x, state, training=True, momentum=0.9)
+        >>> print((jnp.round(y.mean(0), 4) + 0).tolist(), jnp.round(y.std(0), 3).tolist())
+        [0.0, 0.0, 0.0, 0.0] [1.0, 1.0, 1.0, 1.0]
+        >>> print(int(state.count), bool(jnp.allclose(state.mean, 0.1 * x.mean(0))))
+        1 True
+
+        Evaluation uses the running statistics and returns the state unchanged:
+
+        >>> y_eval, same = normlib.batch_norm(x, state, training=False)
+        >>> same is state
+        True
+
+        A mask leaves padding out of the statistics (here the last 8 rows):
+
+        >>> mask = (jnp.arange(32) < 24)[:, None]
+        >>> y, _ = normlib.batch_norm(x, state, training=True, mask=mask)
+        >>> print((jnp.round(y[:24].mean(0), 4) + 0).tolist())
+        [0.0, 0.0, 0.0, 0.0]
+
+        With ``axis_name``, the statistics span every shard of a mapped axis; the
+        result equals the single-device one on the whole batch:
+
+        >>> shards = x.reshape(4, 8, 4)
+        >>> y_sharded, s = jax.vmap(
+        ...     lambda v: normlib.batch_norm(v, state, training=True, axis_name='batch'),
+        ...     axis_name='batch', out_axes=(0, None))(shards)
+        >>> y_single, s1 = normlib.batch_norm(x, state, training=True)
+        >>> bool(jnp.allclose(y_sharded.reshape(32, 4), y_single, atol=1e-6))
+        True
     """
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
                        axis_index_groups, mask)
@@ -324,6 +366,15 @@ def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: b
     References:
       Ioffe, `Batch Renormalization: Towards Reducing Minibatch Dependence in
       Batch-Normalized Models <https://arxiv.org/abs/1702.03275>`_, 2017.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+        >>> state = normlib.init_batch_norm(3)
+        >>> r_max, d_max = normlib.renorm_schedule(10_000)
+        >>> y, state = normlib.batch_renorm(x, state, training=True, r_max=r_max, d_max=d_max)
+        >>> y.shape, int(state.count)
+        ((16, 3), 1)
     """
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
                        None, mask, complex_ok=False)
@@ -393,6 +444,17 @@ def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
     References:
       Santurkar, Tsipras, Ilyas & Madry, `How Does Batch Normalization Help
       Optimization? <https://arxiv.org/abs/1805.11604>`_, NeurIPS 2018.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> x = jax.random.normal(jax.random.key(0), (64, 3)) + 10
+        >>> state = normlib.init_batch_norm(3)
+        >>> y_inf, _ = normlib.lp_batch_norm(x, state, p=float('inf'), training=True)
+        >>> print(jnp.round(jnp.abs(y_inf).max(0), 3).tolist())  # the largest deviation maps to 1
+        [1.0, 1.0, 1.0]
+        >>> y2, _ = normlib.lp_batch_norm(x, state, p=2, training=True)
+        >>> bool(jnp.allclose(y2, normlib.batch_norm(x, state, training=True)[0], atol=1e-5))
+        True
     """
     p = _checks.positive('p', p)
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
@@ -426,6 +488,13 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
     References:
       Hoffer, Banner, Golan & Soudry, `Norm matters: efficient and accurate
       normalization schemes in deep networks <https://arxiv.org/abs/1803.01814>`_, 2018.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> x = jax.random.normal(jax.random.key(0), (4096, 2)) * 2
+        >>> y, state = normlib.l1_batch_norm(x, normlib.init_batch_norm(2), training=True, momentum=0)
+        >>> print(jnp.round(jnp.sqrt(state.var), 1).tolist())  # about the std for Gaussian data
+        [2.0, 2.0]
     """
     call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
                        axis_index_groups, mask, complex_ok=False)
@@ -460,7 +529,15 @@ def renorm_schedule(step, *, warmup: int = 5000, r_max: float = 3.0, d_max: floa
                     r_steps: int = 40000, d_steps: int = 25000):
     """Ioffe (2017)'s ``(r_max, d_max)`` at ``step``: plain batch norm for
     ``warmup`` steps, then linear ramps reaching ``r_max`` at step ``r_steps``
-    and ``d_max`` at step ``d_steps``. ``step`` may be traced."""
+    and ``d_max`` at step ``d_steps``. ``step`` may be traced.
+
+    Example:
+        >>> import normlib
+        >>> [round(float(v), 2) for v in normlib.renorm_schedule(0)]
+        [1.0, 0.0]
+        >>> [round(float(v), 2) for v in normlib.renorm_schedule(40_000)]
+        [3.0, 5.0]
+    """
     def ramp(end, final, start_value):
         t = jnp.clip((jnp.asarray(step, jnp.float32) - warmup) / max(end - warmup, 1), 0.0, 1.0)
         return start_value + t * (final - start_value)
@@ -483,6 +560,17 @@ def fold_batch_norm(kernel, bias, state: BatchNormState, scale=None, bn_bias=Non
     so that the layer alone computes the same output, to float32 rounding.
     ``bias`` (the layer's) and ``scale``/``bn_bias`` may be None. Outputs have
     ``kernel``'s dtype.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> kernel = jax.random.normal(jax.random.key(0), (5, 3))
+        >>> state = normlib.BatchNormState(jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 1.0, 0.25]),
+        ...                                jnp.array(10))
+        >>> k, b = normlib.fold_batch_norm(kernel, None, state, epsilon=1e-5)
+        >>> x = jax.random.normal(jax.random.key(1), (7, 5))
+        >>> y, _ = normlib.batch_norm(x @ kernel, state, training=False, epsilon=1e-5)
+        >>> bool(jnp.allclose(x @ k + b, y, atol=1e-5))
+        True
     """
     kernel = _checks.floating('kernel', kernel)
     features = kernel.shape[-1:]

@@ -72,6 +72,20 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask
     References:
       Ba, Kiros & Hinton, `Layer Normalization
       <https://arxiv.org/abs/1607.06450>`_, 2016.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> x = jax.random.normal(jax.random.key(0), (2, 8)) * 4 + 1e6
+        >>> y = normlib.layer_norm(x, jnp.ones(8), jnp.zeros(8))
+        >>> print((jnp.round(y.mean(-1), 4) + 0).tolist(), jnp.round(y.std(-1), 3).tolist())
+        [0.0, 0.0] [1.0, 1.0]
+
+        A mask leaves padding out of each row's statistics:
+
+        >>> mask = jnp.arange(8) < 5
+        >>> y = normlib.layer_norm(x, mask=mask)
+        >>> print((jnp.round(y[:, :5].mean(-1), 4) + 0).tolist())
+        [0.0, 0.0]
     """
     x = _checks.floating('x', x, complex_ok=True)
     axes = _checks.axes('axis', axis, x.ndim)
@@ -95,6 +109,12 @@ def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None, axis_n
     References:
       Zhang & Sennrich, `Root Mean Square Layer Normalization
       <https://arxiv.org/abs/1910.07467>`_, 2019.
+
+    Example:
+        >>> import jax.numpy as jnp, normlib
+        >>> y = normlib.rms_norm(jnp.array([[3.0, 4.0]]), epsilon=1e-12)
+        >>> [round(v, 4) for v in y[0].tolist()]  # the rms of [3, 4] is sqrt(12.5)
+        [0.8485, 1.1314]
     """
     x = _checks.floating('x', x, complex_ok=True)
     axes = _checks.axes('axis', axis, x.ndim)
@@ -121,6 +141,14 @@ def group_norm(x, scale=None, bias=None, *, num_groups: int, axis=None, epsilon:
 
     References:
       Wu & He, `Group Normalization <https://arxiv.org/abs/1803.08494>`_, 2018.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 8))  # (N, H, W, C)
+        >>> y = normlib.group_norm(x, jnp.ones(8), jnp.zeros(8), num_groups=4)
+        >>> groups = y.reshape(2, 25, 4, 2)
+        >>> print((jnp.round(groups.mean((1, 3)), 4) + 0).tolist()[0])
+        [0.0, 0.0, 0.0, 0.0]
     """
     x = _checks.floating('x', x, complex_ok=True)
     if x.ndim < 2:
@@ -164,6 +192,13 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-5, m
     References:
       Ulyanov, Vedaldi & Lempitsky, `Instance Normalization: The Missing
       Ingredient for Fast Stylization <https://arxiv.org/abs/1607.08022>`_, 2016.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3)) + 5  # (N, H, W, C)
+        >>> y = normlib.instance_norm(x)
+        >>> print((jnp.round(y.mean((1, 2)), 4) + 0).tolist())
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     """
     x = _checks.floating('x', x, complex_ok=True)
     channel = _checks.axes('axis', axis, x.ndim)

@@ -115,6 +115,18 @@ class BatchNorm(nn.Module):
       axis_name: mapped axis name(s) to take the statistics over as well.
       axis_index_groups: device groups normalized separately.
       unbiased_running_var: store ``var * n / (n - 1)`` in the running variance.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import normlib.linen as nn  # instead of flax.linen's BatchNorm
+        >>> layer = nn.BatchNorm(use_running_average=False, momentum=0.9)
+        >>> x = jax.random.normal(jax.random.key(0), (16, 3)) + 2
+        >>> variables = layer.init(jax.random.key(1), x)
+        >>> y, updates = layer.apply(variables, x, mutable=['batch_stats'])
+        >>> bool(jnp.allclose(updates['batch_stats']['mean'], 0.1 * x.mean(0)))
+        True
+        >>> sorted(variables['params']), sorted(variables['batch_stats'])
+        (['bias', 'scale'], ['mean', 'var'])
     """
     use_running_average: bool | None = None
     axis: int | tuple[int, ...] = -1
@@ -180,6 +192,15 @@ class LayerNorm(nn.Module):
       feature_axes: the axes ``scale`` and ``bias`` span.
       axis_name: mapped axis name(s) the normalized axes are sharded over.
       axis_index_groups: device groups normalized separately.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import normlib.linen as nn
+        >>> x = jax.random.normal(jax.random.key(0), (2, 4)) + 1e6
+        >>> variables = nn.LayerNorm().init(jax.random.key(1), x)
+        >>> y = nn.LayerNorm().apply(variables, x)
+        >>> print(jnp.round(y.std(-1), 3).tolist())
+        [1.0, 1.0]
     """
     epsilon: float = 1e-6
     dtype: Dtype | None = None

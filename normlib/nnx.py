@@ -99,6 +99,17 @@ class BatchNorm(nnx.Module):
       rngs: random keys for the initializers.
       bias_metadata, scale_metadata: metadata of the ``nnx.Param``\\ s.
       unbiased_running_var: store ``var * n / (n - 1)`` in the running variance.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import normlib.nnx
+        >>> layer = normlib.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+        >>> x = jax.random.normal(jax.random.key(0), (16, 3)) + 2
+        >>> y = layer(x, use_running_average=False)  # updates layer.mean and layer.var
+        >>> bool(jnp.allclose(layer.mean[...], 0.1 * x.mean(0)))
+        True
+        >>> y_eval = layer(x, use_running_average=True)
     """
 
     def __init__(

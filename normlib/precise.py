@@ -171,6 +171,16 @@ def precise_batch_stats(fn: Callable[[Any], Any], batches: Iterable[Any], *, axi
       computing sample variances
       <http://i.stanford.edu/pub/cstr/reports/cs/tr/79/773/CS-TR-79-773.pdf>`_,
       1979.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib
+        >>> batches = [jax.random.normal(jax.random.key(i), (n, 3)) + 100 for i, n in enumerate((7, 50, 13))]
+        >>> state = normlib.precise_batch_stats(lambda b: b, batches, progress=False)
+        >>> everything = jnp.concatenate(batches)
+        >>> bool(jnp.allclose(state.mean, everything.mean(0), rtol=1e-6))
+        True
+        >>> bool(jnp.allclose(state.var, everything.var(0), rtol=1e-4))
+        True
     """
     structure = []
 

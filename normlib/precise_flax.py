@@ -83,6 +83,16 @@ def precise_linen(model: nn.Module, variables, batches: Iterable[Any], *,
       <https://arxiv.org/abs/2105.07576>`_, 2021.
       Izmailov et al., `Averaging Weights Leads to Wider Optima and Better
       Generalization <https://arxiv.org/abs/1803.05407>`_, 2018.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import normlib, normlib.linen as nn
+        >>> model = nn.BatchNorm(use_running_average=False)
+        >>> batches = [jax.random.normal(jax.random.key(i), (8, 2)) + 3 for i in range(5)]
+        >>> variables = model.init(jax.random.key(0), batches[0])
+        >>> new = normlib.precise_linen(model, variables, batches, progress=False)
+        >>> bool(jnp.allclose(new['batch_stats']['mean'], jnp.concatenate(batches).mean(0)))
+        True
     """
     unbiased = {}
 
@@ -173,6 +183,16 @@ def precise_nnx(model: nnx.Module, batches: Iterable[Any], *,
       <https://arxiv.org/abs/2105.07576>`_, 2021.
       Izmailov et al., `Averaging Weights Leads to Wider Optima and Better
       Generalization <https://arxiv.org/abs/1803.05407>`_, 2018.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import normlib, normlib.nnx
+        >>> model = normlib.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+        >>> batches = [jax.random.normal(jax.random.key(i), (8, 2)) + 3 for i in range(5)]
+        >>> normlib.precise_nnx(model, batches, progress=False)
+        >>> bool(jnp.allclose(model.mean[...], jnp.concatenate(batches).mean(0)))
+        True
     """
     call = (lambda model, batch: model(batch)) if call is None else call
     view = nnx.view(model, use_running_average=False, deterministic=False,
