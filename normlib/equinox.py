@@ -1,0 +1,253 @@
+"""Equinox modules that drop in for ``equinox.nn``'s normalization layers.
+
+``BatchNorm``, ``LayerNorm``, ``GroupNorm`` and ``RMSNorm`` take
+``eqx.nn``'s constructor arguments and ``__call__`` signatures, use
+``eqx.nn.State`` as ``eqx.nn.BatchNorm`` does, and call normlib's functions:
+they hold no statistics code of their own. A model moves over by changing
+its import, e.g. ``eqx.nn.make_with_state(normlib.equinox.BatchNorm)(64,
+'batch')``, and runs per example under ``jax.vmap(..., axis_name='batch')``.
+
+What differs from ``eqx.nn.BatchNorm`` (and why):
+
+* Training normalizes with the batch's statistics, as ``eqx.nn.BatchNorm``'s
+  ``mode='batch'`` does; ``mode`` defaults to ``'batch'`` (Equinox's
+  default, ``'ema'``, normalizes training batches with the running
+  averages instead, which normlib does not implement: ``mode='ema'``
+  raises).
+* The running statistics are the zero-debiased exponential moving average
+  (normlib's ``zero_debias=True``): the first batch replaces the
+  mean-0/var-1 prior. ``eqx.nn.BatchNorm``'s ``'batch'`` mode divides an
+  average that started at var 1 by ``1 - momentum**t``, which inflates the
+  running variance (5.5x after 20 steps at ``momentum=0.99`` on unit data).
+* ``momentum=None`` keeps the exact average of all batches; ``mask=``
+  leaves padding out of the statistics; statistics are exact at any offset
+  and across devices (``axis_name`` may name ``pmap``/``shard_map`` axes too).
+
+Equinox is an optional extra (``pip install "normlib[equinox]"``);
+``import normlib`` does not load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from normlib.batch_norm import BatchNormState, batch_norm, init_batch_norm
+from normlib.layer_norm import group_norm, layer_norm, rms_norm
+
+
+def _float_dtype(dtype):
+    return jnp.zeros((), jnp.float32).dtype if dtype is None else jnp.dtype(dtype)
+
+
+def _shape(shape) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+def _check_shape(name, x, shape):
+    if x.shape != shape:
+        raise ValueError(
+            f'{name}(shape)(x) needs x.shape == shape, got shape={shape} and x.shape={x.shape};'
+            f' map it over a batch with jax.vmap.')
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    """Batch normalization; computes :func:`normlib.batch_norm` per example.
+
+    ``x`` has shape ``(input_size, dim_1, ..., dim_N)`` (one example, channels
+    first) and the module runs under ``jax.vmap(..., axis_name=axis_name)``
+    over the batch; the statistics cover every mapped example (and any
+    ``pmap``/``shard_map`` axes also named).
+
+    Args:
+      input_size: the number of channels.
+      axis_name: the vmapped batch axis name (or a sequence of names).
+      eps: added to the variance inside the square root.
+      channelwise_affine: learn a per-channel ``weight`` and ``bias``.
+      momentum: running-average decay in [0, 1], or None for the exact
+        average of all batches.
+      inference: normalize with the running statistics (can be overridden
+        per call, or with ``eqx.nn.inference_mode``).
+      dtype: dtype of ``weight``/``bias`` and of the running statistics
+        (float32 by default).
+      mode: ``'batch'`` (the only mode; see the module docstring).
+
+    Example:
+        >>> import equinox as eqx, jax, jax.numpy as jnp
+        >>> import normlib.equinox
+        >>> bn, state = eqx.nn.make_with_state(normlib.equinox.BatchNorm)(3, 'batch')
+        >>> x = jax.random.normal(jax.random.key(0), (16, 3, 5)) * 2 + 7  # (batch, C, L)
+        >>> y, state = jax.vmap(bn, axis_name='batch', in_axes=(0, None),
+        ...                     out_axes=(0, None))(x, state)
+        >>> print((jnp.round(y.mean((0, 2)), 4) + 0).tolist())
+        [0.0, 0.0, 0.0]
+        >>> mean, var, count = state.get(bn.state_index)
+        >>> bool(jnp.allclose(var, x.var((0, 2)), rtol=1e-5))  # the first batch, debiased
+        True
+    """
+    weight: Any
+    bias: Any
+    state_index: eqx.nn.StateIndex
+    axis_name: Hashable | Sequence[Hashable]
+    inference: bool
+    input_size: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+
+    def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable],
+                 eps: float = 1e-5, channelwise_affine: bool = True,
+                 momentum: float | None = 0.99, inference: bool = False, dtype=None,
+                 mode: str = 'batch'):
+        if mode != 'batch':
+            raise ValueError(
+                f"mode={mode!r}: normlib.equinox.BatchNorm normalizes training batches with"
+                " their own statistics (eqx.nn.BatchNorm's mode='batch'); 'ema' is not"
+                ' implemented.')
+        dtype = _float_dtype(dtype)
+        self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
+        self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
+        self.state_index = eqx.nn.StateIndex(init_batch_norm(input_size, dtype))
+        self.axis_name = axis_name
+        self.inference = inference
+        self.input_size = input_size
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        self.momentum = momentum
+        self.mode = mode
+
+    def __call__(self, x, state: eqx.nn.State, *, key=None, inference: bool | None = None,
+                 mask=None):
+        """Returns ``(y, state)``; ``y`` has ``x``'s shape.
+
+        Args:
+          x: one example, ``(input_size, dim_1, ..., dim_N)``.
+          state: the ``eqx.nn.State`` holding the running statistics.
+          key: ignored (Equinox's API).
+          inference: overrides ``self.inference`` when given.
+          mask: optional boolean broadcastable to ``x``; False entries are
+            left out of the statistics.
+        """
+        del key
+        inference = self.inference if inference is None else inference
+        stats: BatchNormState = state.get(self.state_index)
+        y, new = batch_norm(x, stats, self.weight, self.bias, training=not inference, axis=0,
+                            momentum=self.momentum, epsilon=self.eps,
+                            axis_name=None if inference else self.axis_name, mask=mask,
+                            zero_debias=self.momentum is not None)
+        if not inference:
+            state = state.set(self.state_index, new)
+        return y, state
+
+
+class LayerNorm(eqx.Module):
+    """Layer normalization over every axis of ``x``; computes :func:`normlib.layer_norm`.
+
+    ``eqx.nn.LayerNorm``'s arguments: ``x`` has shape ``shape`` (one
+    example), ``weight`` and ``bias`` have that shape too.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, normlib.equinox
+        >>> ln = normlib.equinox.LayerNorm(4)
+        >>> y = ln(jnp.array([1.0, 2.0, 3.0, 4.0]) + 1e6)
+        >>> [round(v, 3) for v in y.tolist()]
+        [-1.342, -0.447, 0.447, 1.342]
+    """
+    weight: Any
+    bias: Any
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+
+    def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
+                 use_bias: bool = True, dtype=None, *, elementwise_affine: bool | None = None):
+        if elementwise_affine is not None:
+            use_weight = use_bias = elementwise_affine
+        self.shape = _shape(shape)
+        self.eps = eps
+        self.use_weight, self.use_bias = use_weight, use_bias
+        dtype = _float_dtype(dtype)
+        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
+
+    def __call__(self, x, state: eqx.nn.State | None = None, *, key=None, mask=None):
+        """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
+        del key
+        _check_shape('LayerNorm', x, self.shape)
+        y = layer_norm(x, self.weight, self.bias, axis=tuple(range(x.ndim)), epsilon=self.eps,
+                       mask=mask)
+        return y if state is None else (y, state)
+
+
+class RMSNorm(eqx.Module):
+    """RMS normalization over every axis of ``x``; computes :func:`normlib.rms_norm`.
+
+    ``eqx.nn.RMSNorm``'s arguments: ``y = x / sqrt(mean(x**2) + eps) * weight
+    + bias``, the optional ``bias`` added after normlib's RMS norm.
+    """
+    weight: Any
+    bias: Any
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+
+    def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
+                 use_bias: bool = True, dtype=None):
+        self.shape = _shape(shape)
+        self.eps = eps
+        self.use_weight, self.use_bias = use_weight, use_bias
+        dtype = _float_dtype(dtype)
+        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
+        self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
+
+    def __call__(self, x, state: eqx.nn.State | None = None, *, key=None, mask=None):
+        """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
+        del key
+        _check_shape('RMSNorm', x, self.shape)
+        y = rms_norm(x, self.weight, axis=tuple(range(x.ndim)), epsilon=self.eps, mask=mask)
+        if self.bias is not None:
+            y = (y + self.bias).astype(y.dtype)
+        return y if state is None else (y, state)
+
+
+class GroupNorm(eqx.Module):
+    """Group normalization of one channels-first example; computes :func:`normlib.group_norm`.
+
+    ``eqx.nn.GroupNorm``'s arguments: ``x`` has shape ``(channels, ...)``;
+    its channels are split into ``groups`` contiguous groups, each
+    normalized over its channels and every other axis.
+    """
+    weight: Any
+    bias: Any
+    groups: int = eqx.field(static=True)
+    channels: int | None = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+
+    def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5,
+                 channelwise_affine: bool = True, dtype=None):
+        if channels is not None and channels % groups:
+            raise ValueError(f'groups={groups} must divide channels={channels}.')
+        if channels is None and channelwise_affine:
+            raise ValueError('GroupNorm needs channels when channelwise_affine=True.')
+        self.groups, self.channels, self.eps = groups, channels, eps
+        self.channelwise_affine = channelwise_affine
+        dtype = _float_dtype(dtype)
+        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
+        self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
+
+    def __call__(self, x, state: eqx.nn.State | None = None, *, key=None):
+        """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
+        del key
+        # normlib's group_norm takes (N, ..., C): add a batch axis, channels last.
+        channels_last = jnp.moveaxis(x, 0, -1)[None]
+        y = group_norm(channels_last, self.weight, self.bias, num_groups=self.groups,
+                       epsilon=self.eps)
+        y = jnp.moveaxis(y[0], -1, 0)
+        return y if state is None else (y, state)
