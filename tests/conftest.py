@@ -1,13 +1,6 @@
-"""Eight virtual CPU devices for the multi-device tests; set before JAX starts."""
+"""Fixtures shared by the tests (the session setup is in the root conftest.py)."""
 
-import os
-
-os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope='session')
