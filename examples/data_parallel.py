@@ -7,8 +7,11 @@ trains with ``jax.shard_map`` (and ``jax.pmap``, for code that still uses it),
 then checks that
 
 * every device holds bit-identical running statistics, and
-* the trained parameters and statistics match a single-device run on the same
-  global batches.
+* every step matches a single-device step on the same global batch: each step
+  starts from the single-device run's train state, so the comparison sees what
+  the sharded statistics change, not float32 rounding that training amplifies
+  (one ulp in the initial parameters moves this run's parameters by ~1e-2 after
+  200 steps, sharded or not). The end-of-training difference is printed too.
 
 On a CPU it simulates 8 devices (``--xla_force_host_platform_device_count``).
 
@@ -115,21 +118,46 @@ def make_step(mode, optimizer, global_batch):
     raise ValueError(f'unknown mode {mode!r}')
 
 
+def batches(data, steps, batch, seed):
+    """The seeded run's ``steps`` global batches of NHWC images and labels."""
+    images = data.x_train.reshape((-1,) + data.image_shape + (1,))
+    order = np.random.default_rng(seed).permutation(np.arange(steps * batch) % len(images))
+    for i in range(steps):
+        idx = order[i * batch:(i + 1) * batch]
+        yield images[idx], data.y_train[idx]
+
+
 def train(mode, data, steps, batch, lr, seed):
     params, states = init(jax.random.key(seed))
     optimizer = optax.sgd(lr, momentum=0.9)
     step, place = make_step(mode, optimizer, batch)
     params, states, opt_state = place((params, states, optimizer.init(params)))
-    images = data.x_train.reshape((-1,) + data.image_shape + (1,))
-    order = np.random.default_rng(seed).permutation(np.arange(steps * batch) % len(images))
-    for i in tqdm(range(steps), desc=mode, leave=False):
-        idx = order[i * batch:(i + 1) * batch]
-        params, states, opt_state = step(params, states, opt_state, images[idx],
-                                         data.y_train[idx])
+    for x, y in tqdm(batches(data, steps, batch, seed), total=steps, desc=mode, leave=False):
+        params, states, opt_state = step(params, states, opt_state, x, y)
         # One step in flight at a time: XLA:CPU's virtual devices can
         # deadlock in a collective when many queued steps share its threads.
         jax.block_until_ready(params)
     return params, states
+
+
+def step_difference(mode, data, steps, batch, lr, seed):
+    """Largest difference between a ``mode`` step and a single-device step, both
+    taken from the single-device run's train state, over that run's steps."""
+    params, states = init(jax.random.key(seed))
+    optimizer = optax.sgd(lr, momentum=0.9)
+    single, _ = make_step('single', optimizer, batch)
+    step, place = make_step(mode, optimizer, batch)
+    train_state, worst = (params, states, optimizer.init(params)), 0.0
+    for x, y in tqdm(batches(data, steps, batch, seed), total=steps, desc=f'{mode} (per step)',
+                     leave=False):
+        got = step(*place(train_state), x, y)
+        jax.block_until_ready(got)  # one step in flight, as in train()
+        if mode == 'pmap':
+            got = jax.tree.map(lambda a: a[0], got)
+        train_state = single(*train_state, x, y)
+        worst = max(worst, max(float(jnp.max(jnp.abs(a - b)))
+                               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(train_state))))
+    return worst
 
 
 def per_device_agreement(states):
@@ -169,6 +197,10 @@ def main(argv=None):
     modes = ['shard_map', 'pmap'] if args.mode == 'both' else [args.mode]
     worst = 0.0
     for mode in modes:
+        step_diff = step_difference(mode, data, args.steps, args.batch, args.lr, args.seed)
+        worst = max(worst, step_diff)
+        print(f'{mode}: largest one-step difference from the single-device run over '
+              f'{args.steps} steps: {step_diff:.2e}')
         params, states = train(mode, data, args.steps, args.batch, args.lr, args.seed)
         if mode == 'pmap':
             spread = per_device_agreement(states)
@@ -178,15 +210,14 @@ def main(argv=None):
             params, states = jax.tree.map(lambda a: a[0], (params, states))
         diff = max(float(jnp.max(jnp.abs(a - b)))
                    for a, b in zip(jax.tree.leaves((params, states)), jax.tree.leaves(reference)))
-        worst = max(worst, diff)
         results[mode] = accuracy(params, states, data)
         print(f'{mode}: largest difference from the single-device run after {args.steps} steps: '
-              f'{diff:.2e}')
+              f'{diff:.2e} (rounding, amplified by training)')
     print('\nheld-out accuracy (evaluation mode, running statistics)')
     for mode, acc in results.items():
         print(f'  {mode:<10} {acc:.4f}')
-    if worst > 1e-3:
-        raise SystemExit(f'data-parallel training diverged from single-device: {worst:.2e}')
+    if worst > 1e-5:
+        raise SystemExit(f'a data-parallel step differs from the single-device step: {worst:.2e}')
     return results
 
 

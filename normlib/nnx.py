@@ -183,7 +183,7 @@ class BatchNorm(nnx.Module):
             if state.mean.dtype == self.mean[...].dtype:
                 self.mean[...] = state.mean.reshape(self.mean.shape)
             else:  # item assignment would cast the complex mean to float32
-                self.mean.value = state.mean.reshape(self.mean.shape)
+                self.mean.set_value(state.mean.reshape(self.mean.shape))
             self.var[...] = state.var.reshape(self.var.shape)
             if self.momentum is None:
                 self.count[...] = state.count

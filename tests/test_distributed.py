@@ -324,9 +324,12 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_data_parallel_example_passes_its_check_at_default_settings():
-    # The default run (200 steps, shard_map and pmap), not only --smoke: small
-    # differences between sharded and single-device statistics grow over
-    # training, so only a long run shows that there are none to grow.
+    # The default run (200 steps, shard_map and pmap), not only --smoke: every
+    # step is compared with a single-device step from the same train state, so
+    # states reached only late in training are checked too. The difference after
+    # 200 free-running steps is not checked: one float32 ulp in the initial
+    # parameters already moves it to ~1e-2 (ReLU inputs cross zero, momentum
+    # carries the change on), and XLA's reduction order decides its size.
     example = pathlib.Path(__file__).resolve().parents[1] / 'examples' / 'data_parallel.py'
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     result = subprocess.run([sys.executable, str(example)], env=env, text=True,
@@ -334,7 +337,7 @@ def test_data_parallel_example_passes_its_check_at_default_settings():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "devices' running statistics: 0\n" in result.stdout
     diffs = [float(line.rsplit(' ', 1)[1]) for line in result.stdout.splitlines()
-             if 'largest difference from the single-device run after 200 steps' in line]
+             if 'largest one-step difference from the single-device run over 200 steps' in line]
     assert len(diffs) == 2 and max(diffs) < 1e-5, result.stdout
 
 
