@@ -49,10 +49,9 @@ def _lay_out(param, x_shape, param_axes, target_axes, field):
     if param is None:
         return None
     if not set(param_axes) <= set(target_axes):
-        raise ValueError(
-            f'{field}={tuple(param_axes)} must be among the normalized axes'
-            f' {tuple(target_axes)}: normlib applies scale and bias over the'
-            ' normalized axes.')
+        # Parameters on axes that are not normalized (Flax allows them):
+        # x.ndim dimensions that broadcast against x.
+        return param.reshape(tuple(d if a in param_axes else 1 for a, d in enumerate(x_shape)))
     shape = tuple(x_shape[a] if a in param_axes else 1 for a in target_axes)
     return jnp.broadcast_to(param.reshape(shape), tuple(x_shape[a] for a in target_axes))
 
@@ -179,8 +178,8 @@ class LayerNorm(nn.Module):
 
     Flax compatibility: fields, defaults, ``__call__(x, *, mask)`` and the
     ``scale``/``bias`` parameters (shaped by ``feature_axes``) are
-    ``flax.linen.LayerNorm``'s. ``feature_axes`` must be among
-    ``reduction_axes``, which covers every documented Flax use.
+    ``flax.linen.LayerNorm``'s. ``feature_axes`` may
+    also name axes that are not normalized, as in Flax.
 
     Attributes:
       epsilon: added to the variance inside the square root.
@@ -365,7 +364,9 @@ class InstanceNorm(nn.Module):
         features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
         if 0 in features:
             raise ValueError(
-                f'feature_axes={self.feature_axes!r} must not include axis 0, the batch axis.')
+                f'feature_axes={self.feature_axes!r} must not include axis 0. The'
+                ' channel axes cannot include the leading dimension as this is assumed to be the'
+                ' batch axis.')
         scale, bias = _affine(self, _checks.features_of(x.shape, features))
         x, out_dtype = _promote(x, (scale, bias), self.dtype)
         channels_last = features == (x.ndim - 1,)

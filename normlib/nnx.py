@@ -231,8 +231,8 @@ class LayerNorm(_PerExample):
 
     Flax compatibility: the constructor, ``__call__(x, *, mask)`` and state
     are ``flax.nnx.LayerNorm``'s; a float ``mask`` works (nonzero entries are
-    kept), where Flax's raises. ``feature_axes`` must be among
-    ``reduction_axes``.
+    kept), where Flax's raises. ``feature_axes`` may
+    also name axes that are not normalized, as in Flax.
 
     Args:
       num_features: the size of ``scale`` and ``bias`` (of ``x`` at
@@ -295,8 +295,8 @@ class RMSNorm(nnx.Module):
     """Root-mean-square normalization layer; computes :func:`normlib.rms_norm`.
 
     Flax compatibility: the constructor, ``__call__(x, *, mask)`` and state
-    are ``flax.nnx.RMSNorm``'s; ``feature_axes`` must be among
-    ``reduction_axes``.
+    are ``flax.nnx.RMSNorm``'s; ``feature_axes`` may
+    also name axes that are not normalized, as in Flax.
 
     Args:
       num_features: the size of ``scale`` (of ``x`` at ``feature_axes``).
@@ -487,7 +487,9 @@ class InstanceNorm(_PerExample):
         features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
         if 0 in features:
             raise ValueError(
-                f'feature_axes={self.feature_axes!r} must not include axis 0, the batch axis.')
+                f'feature_axes={self.feature_axes!r} must not include axis 0. The'
+                ' channel axes cannot include the leading dimension as this is assumed to be the'
+                ' batch axis.')
         shape = _checks.features_of(x.shape, features)
         channels_last = features == (x.ndim - 1,)
         return instance_norm(

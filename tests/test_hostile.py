@@ -383,3 +383,27 @@ def test_virtual_batch_size_takes_numpy_integers_and_rejects_floats():
     with pytest.raises(TypeError, match='virtual_batch_size must be a positive int'):
         nl.batch_norm(x, state, training=True, virtual_batch_size=4.0)
     assert math.isfinite(float(a.sum()))
+
+
+@pytest.mark.parametrize('kwargs', [dict(feature_axes=(1, 2)),
+                                    dict(reduction_axes=(1, 2), feature_axes=-1),
+                                    dict(reduction_axes=-2, feature_axes=(1, 3))])
+def test_layer_and_rms_norm_params_on_axes_that_are_not_normalized_match_flax(kwargs):
+    x = jnp.asarray(RNG.standard_normal((2, 3, 4, 5)), jnp.float32)
+    for name in ('LayerNorm', 'RMSNorm'):
+        theirs = getattr(fnn, name)(**kwargs)
+        variables = theirs.init(jax.random.key(1), x)
+        variables = jax.tree.map(lambda v: v + jnp.asarray(
+            RNG.standard_normal(v.shape), v.dtype), variables)
+        # flax's own two-pass path for LayerNorm (its fast variance loses digits)
+        expected = (getattr(fnn, name)(**kwargs, use_fast_variance=False)
+                    if name == 'LayerNorm' else theirs).apply(variables, x)
+        np.testing.assert_allclose(getattr(nln, name)(**kwargs).apply(variables, x), expected,
+                                   atol=3e-6, err_msg=name)
+
+
+def test_instance_norm_batch_axis_message_matches_flax():
+    for module in (nln.InstanceNorm(feature_axes=0), fnn.InstanceNorm(feature_axes=0)):
+        with pytest.raises(ValueError, match='The channel axes cannot include the leading'
+                                             ' dimension as this is assumed to be the batch axis'):
+            module.init(jax.random.key(1), jnp.ones((2, 3, 4, 5)))
