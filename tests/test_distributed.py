@@ -357,34 +357,49 @@ def test_forward_mode_equals_single_device(mode, reference):
     _close(dy, dy_ref, 2e-4)
 
 
-def _four_devices(mapping, x, mask):
-    """batch_norm's (mean, var) of the global batch, taken on 4 devices."""
+@functools.lru_cache(maxsize=None)
+def _four_device_moments(mapping, features):
+    """``f(x, mask) -> (mean, var)``: batch_norm's moments of the global batch, on 4 devices.
+
+    Built (and compiled) once per mapping, then called on every case.
+    """
     devices = jax.devices()[:4]
-    features = x.shape[-1]
 
     def bn(x, mask, axis_name):
         return normlib.batch_norm(x, normlib.init_batch_norm(features), training=True,
                                   momentum=0.0, mask=mask, axis_name=axis_name)[1]
 
     if mapping == 'pmap':
-        state = jax.pmap(functools.partial(bn, axis_name='i'), axis_name='i', devices=devices)(
-            x.reshape((4, -1) + x.shape[1:]), mask.reshape((4, -1) + mask.shape[1:]))
-        state = jax.tree.map(lambda a: a[0], state)
+        mapped = jax.pmap(functools.partial(bn, axis_name='i'), axis_name='i', devices=devices)
+
+        def run(x, mask):
+            state = mapped(x.reshape((4, -1) + x.shape[1:]), mask.reshape((4, -1) + mask.shape[1:]))
+            return jax.tree.map(lambda a: a[0], state)
     else:
         mesh = jax.make_mesh((4,), ('d',), axis_types=(AxisType.Auto,), devices=devices)
         if mapping == 'shard_map':
-            state = jax.jit(jax.shard_map(functools.partial(bn, axis_name='d'), mesh=mesh,
-                                          in_specs=(P('d'), P('d')), out_specs=P()))(x, mask)
+            run = jax.jit(jax.shard_map(functools.partial(bn, axis_name='d'), mesh=mesh,
+                                        in_specs=(P('d'), P('d')), out_specs=P()))
         else:
             sharded = NamedSharding(mesh, P('d'))
-            state = jax.jit(functools.partial(bn, axis_name=None))(
-                jax.device_put(x, sharded), jax.device_put(mask, sharded))
+            compiled = jax.jit(functools.partial(bn, axis_name=None))
+
+            def run(x, mask):
+                return compiled(jax.device_put(x, sharded), jax.device_put(mask, sharded))
+    return run
+
+
+def _four_devices(mapping, x, mask):
+    """batch_norm's (mean, var) of the global batch, taken on 4 devices."""
+    state = _four_device_moments(mapping, x.shape[-1])(x, mask)
     return np.asarray(state.mean, np.float64), np.asarray(state.var, np.float64)
 
 
 @pytest.mark.parametrize('mapping', ['shard_map', 'pmap', 'sharded_jit'])
 def test_sharded_moments_as_exact_as_two_pass(mapping):
     from flax.linen import normalization as flax_normalization
+    flax_two_pass = jax.jit(lambda v: flax_normalization._compute_stats(
+        v, (0,), jnp.float32, use_fast_variance=False))
     rng = np.random.default_rng(10)
     report = []
     for masked in (False, True):
@@ -400,9 +415,7 @@ def test_sharded_moments_as_exact_as_two_pass(mapping):
                 valid = x[mask[:, 0]].astype(np.float64)
                 ref_mean, ref_var = valid.mean(0), valid.var(0)
                 flax_mean, flax_var = (np.asarray(v, np.float64) for v in
-                                       flax_normalization._compute_stats(
-                                           jnp.asarray(x[mask[:, 0]]), (0,), jnp.float32,
-                                           use_fast_variance=False))
+                                       flax_two_pass(jnp.asarray(x[mask[:, 0]])))
                 spread = np.maximum(np.abs(ref_mean), np.sqrt(ref_var))
                 for what, ours, flax in (
                         ('mean', np.abs(mean - ref_mean) / spread,

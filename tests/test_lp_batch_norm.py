@@ -68,7 +68,7 @@ def test_gradients_forward_and_reverse_second_order(p):
         mask = jnp.asarray(RNG.random((12, 3)) < 0.8).at[:2].set(True)
         state = nl.init_batch_norm(3, jnp.float64)
         scale = jnp.asarray([1.0, 2.0, 0.5])
-        f = lambda v, s: nl.lp_batch_norm(v, state, s, p=p, training=True, mask=mask)[0]
+        f = jax.jit(lambda v, s: nl.lp_batch_norm(v, state, s, p=p, training=True, mask=mask)[0])
         check_grads(f, (x, scale), order=2, modes=('fwd', 'rev'), eps=1e-4)
 
 
