@@ -24,8 +24,11 @@ import os
 import sys
 
 if 'jax' not in sys.modules:  # must be set before JAX starts
+    # Eight virtual devices; on a busy machine with few cores their threads can
+    # reach a collective far apart, which XLA:CPU otherwise aborts as stuck.
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_force_host_platform_device_count=8').strip()
+                               ' --xla_force_host_platform_device_count=8'
+                               ' --xla_cpu_collective_call_terminate_timeout_seconds=600').strip()
 
 import functools
 
