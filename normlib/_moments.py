@@ -232,13 +232,19 @@ class Sync(NamedTuple):
         return cls(tuple(axis_name), groups, tuple(jax.lax.axis_size(n) for n in axis_name))
 
 
-def group_sum(value, sync: Sync | None):
-    """``value`` summed over the shards of this shard's group (itself without ``sync``)."""
+def _group_reduce(value, sync: Sync | None, collective, reduce):
+    """``value`` reduced over the shards of this shard's group (itself without ``sync``):
+    one ``collective`` over the axes, or ``reduce`` of the gathered group."""
     if sync is None:
         return value
     if sync.groups is None:
-        return jax.lax.psum(value, sync.axis_name)
-    return jnp.sum(_gather(value, sync.axis_name, sync.groups, sync.sizes), axis=0)
+        return collective(value, sync.axis_name)
+    return reduce(_gather(value, sync.axis_name, sync.groups, sync.sizes), axis=0)
+
+
+def group_sum(value, sync: Sync | None):
+    """``value`` summed over the shards of this shard's group (itself without ``sync``)."""
+    return _group_reduce(value, sync, jax.lax.psum, jnp.sum)
 
 
 def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
@@ -459,11 +465,7 @@ def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
 
 def group_max(value, sync: Sync | None):
     """``value``'s maximum over the shards of this shard's group."""
-    if sync is None:
-        return value
-    if sync.groups is None:
-        return jax.lax.pmax(value, sync.axis_name)
-    return jnp.max(_gather(value, sync.axis_name, sync.groups, sync.sizes), axis=0)
+    return _group_reduce(value, sync, jax.lax.pmax, jnp.max)
 
 
 def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None = None):

@@ -47,6 +47,16 @@ def _shape(shape) -> tuple[int, ...]:
     return (shape,) if isinstance(shape, int) else tuple(shape)
 
 
+def _init_elementwise(module, shape, eps, use_weight, use_bias, dtype):
+    """The fields of LayerNorm and RMSNorm: ``weight`` and ``bias`` of ``shape``."""
+    module.shape = _shape(shape)
+    module.eps = eps
+    module.use_weight, module.use_bias = use_weight, use_bias
+    dtype = _float_dtype(dtype)
+    module.weight = jnp.ones(module.shape, dtype) if use_weight else None
+    module.bias = jnp.zeros(module.shape, dtype) if use_bias else None
+
+
 def _check_shape(name, x, shape):
     if x.shape != shape:
         raise ValueError(
@@ -168,12 +178,7 @@ class LayerNorm(eqx.Module):
                  use_bias: bool = True, dtype=None, *, elementwise_affine: bool | None = None):
         if elementwise_affine is not None:
             use_weight = use_bias = elementwise_affine
-        self.shape = _shape(shape)
-        self.eps = eps
-        self.use_weight, self.use_bias = use_weight, use_bias
-        dtype = _float_dtype(dtype)
-        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
-        self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
+        _init_elementwise(self, shape, eps, use_weight, use_bias, dtype)
 
     def __call__(self, x, state: eqx.nn.State | None = None, *, key=None, mask=None):
         """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
@@ -199,12 +204,7 @@ class RMSNorm(eqx.Module):
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
                  use_bias: bool = True, dtype=None):
-        self.shape = _shape(shape)
-        self.eps = eps
-        self.use_weight, self.use_bias = use_weight, use_bias
-        dtype = _float_dtype(dtype)
-        self.weight = jnp.ones(self.shape, dtype) if use_weight else None
-        self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
+        _init_elementwise(self, shape, eps, use_weight, use_bias, dtype)
 
     def __call__(self, x, state: eqx.nn.State | None = None, *, key=None, mask=None):
         """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
