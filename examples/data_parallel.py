@@ -112,9 +112,9 @@ def make_step(mode, optimizer, global_batch):
                           axis_name='batch')
         split = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])
         # One copy of the train state per device, kept there between steps.
-        copy = jax.pmap(lambda tree: tree)
+        copy = jax.pmap(lambda tree, _: tree, in_axes=(None, 0))
         return (lambda p, s, o, x, y: mapped(p, s, o, split(x), split(y)),
-                lambda tree: copy(jax.tree.map(lambda a: jnp.stack([a] * DEVICES), tree)))
+                lambda tree: copy(tree, np.zeros(DEVICES)))
     raise ValueError(f'unknown mode {mode!r}')
 
 
@@ -127,36 +127,44 @@ def batches(data, steps, batch, seed):
         yield images[idx], data.y_train[idx]
 
 
-def train(mode, data, steps, batch, lr, seed):
+def train(mode, data, steps, batch, lr, seed, record=False):
+    """The ``mode`` run's final ``(params, states)``; with ``record``, also the
+    train state ``(params, states, opt_state)`` before each step and after the last."""
     params, states = init(jax.random.key(seed))
     optimizer = optax.sgd(lr, momentum=0.9)
     step, place = make_step(mode, optimizer, batch)
-    params, states, opt_state = place((params, states, optimizer.init(params)))
+    train_state = place((params, states, optimizer.init(params)))
+    trajectory = [train_state]
     for x, y in tqdm(batches(data, steps, batch, seed), total=steps, desc=mode, leave=False):
-        params, states, opt_state = step(params, states, opt_state, x, y)
+        train_state = step(*train_state, x, y)
         # One step in flight at a time: XLA:CPU's virtual devices can
         # deadlock in a collective when many queued steps share its threads.
-        jax.block_until_ready(params)
-    return params, states
+        jax.block_until_ready(train_state)
+        if record:
+            trajectory.append(train_state)
+    params, states, _ = train_state
+    return ((params, states), trajectory) if record else (params, states)
 
 
-def step_difference(mode, data, steps, batch, lr, seed):
+@jax.jit
+def largest_difference(got, want):
+    """Largest ``|got - want|`` over the leaves; ``got``'s leaves may carry a
+    leading device axis, each device's copy is compared."""
+    return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a - b)) for a, b in
+                                          zip(jax.tree.leaves(got), jax.tree.leaves(want))])
+
+
+def step_difference(mode, data, trajectory, batch, lr, seed):
     """Largest difference between a ``mode`` step and a single-device step, both
     taken from the single-device run's train state, over that run's steps."""
-    params, states = init(jax.random.key(seed))
     optimizer = optax.sgd(lr, momentum=0.9)
-    single, _ = make_step('single', optimizer, batch)
     step, place = make_step(mode, optimizer, batch)
-    train_state, worst = (params, states, optimizer.init(params)), 0.0
-    for x, y in tqdm(batches(data, steps, batch, seed), total=steps, desc=f'{mode} (per step)',
-                     leave=False):
-        got = step(*place(train_state), x, y)
+    steps, worst = len(trajectory) - 1, 0.0
+    for i, (x, y) in enumerate(tqdm(batches(data, steps, batch, seed), total=steps,
+                                    desc=f'{mode} (per step)', leave=False)):
+        got = step(*place(trajectory[i]), x, y)
         jax.block_until_ready(got)  # one step in flight, as in train()
-        if mode == 'pmap':
-            got = jax.tree.map(lambda a: a[0], got)
-        train_state = single(*train_state, x, y)
-        worst = max(worst, max(float(jnp.max(jnp.abs(a - b)))
-                               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(train_state))))
+        worst = max(worst, float(largest_difference(got, trajectory[i + 1])))
     return worst
 
 
@@ -192,12 +200,13 @@ def main(argv=None):
     print('compiling, then training single-device and data-parallel (progress bars follow)...',
           flush=True)
 
-    reference = train('single', data, args.steps, args.batch, args.lr, args.seed)
+    reference, trajectory = train('single', data, args.steps, args.batch, args.lr, args.seed,
+                                  record=True)
     results = {'single': accuracy(*reference, data)}
     modes = ['shard_map', 'pmap'] if args.mode == 'both' else [args.mode]
     worst = 0.0
     for mode in modes:
-        step_diff = step_difference(mode, data, args.steps, args.batch, args.lr, args.seed)
+        step_diff = step_difference(mode, data, trajectory, args.batch, args.lr, args.seed)
         worst = max(worst, step_diff)
         print(f'{mode}: largest one-step difference from the single-device run over '
               f'{args.steps} steps: {step_diff:.2e}')
