@@ -267,8 +267,7 @@ def _normalizers():
         'rms_norm': lambda x, s, b: normlib.rms_norm(x, s, epsilon=1e-3) + b,
         'group_norm': lambda x, s, b: normlib.group_norm(x, s, b, num_groups=2, epsilon=1e-3),
         'instance_norm': lambda x, s, b: normlib.instance_norm(x, s, b, epsilon=1e-3),
-        'lp_normalize': lambda x, s, b: normlib.lp_normalize(x * s + b, 3.0),
-    }
+    }  # lp_normalize: the same checks in test_lp_norm.py and test_lp_range.py
 
 
 @pytest.mark.parametrize('name', list(_normalizers()))
