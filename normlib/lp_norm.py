@@ -26,30 +26,27 @@ def lp_normalize(x, p: float = 2.0, *, axis=-1, epsilon: float = 1e-12) -> jax.A
     or small ones with a tiny ``epsilon`` or a large ``p``), every vector
     is taken at a power-of-two scale near ``1 / max|x|`` first, so results
     are right across float32's range; the scaling is exact, so the result
-    is the one the unscaled formula gives wherever that is right.
+    is the one the unscaled formula gives wherever that is right. ``y`` is
+    ``x`` times the reciprocal of the divisor, within an ulp of the quotient.
 
     Args:
       x: floating-point input.
       p: the norm's exponent, > 0 (``float('inf')`` allowed).
       axis: the axis or axes the norm is taken over.
-      epsilon: the smallest divisor; > 0.
+      epsilon: the smallest divisor; at least the smallest normal number of
+        the dtype the norm is computed in (``1.2e-38`` for float32), below
+        which XLA flushes it to 0.
     """
     x = _checks.floating('x', x)
     axes = _checks.axes('axis', axis, x.ndim)
     p = _checks.positive('p', p)
     epsilon = _checks.positive('epsilon', epsilon)
     xf = x.astype(_moments.compute_dtype(x.dtype))
-    # The plain path's norm takes its derivative from _norm_of's rule, so no
-    # derivative of an overflowed power is ever formed.
-    total = jax.lax.stop_gradient(_total(xf, p, axes))
-    # Vectors whose powers leave float32's comfortable range are rare: the
-    # whole call then takes the scaled path, which gives the same y (bit for
-    # bit for p = 1, 2 and inf) wherever the plain one is right. Ordinary
-    # data pay one comparison per vector.
-    risky = jnp.any(_out_of_range(total, p, epsilon))
-    y = jax.lax.cond(risky, lambda xf, total: _scaled(xf, p, axes, epsilon),
-                     lambda xf, total: _plain(p, axes, epsilon, xf, total), xf, total)
-    return y.astype(x.dtype)
+    tiny = float(jnp.finfo(xf.dtype).tiny)
+    if epsilon < tiny:  # XLA flushes it to 0: x = 0 would give 0 / 0
+        raise ValueError(f'epsilon must be at least {tiny:g}, the smallest normal '
+                         f'{xf.dtype.name} (the dtype the norm is computed in), got {epsilon!r}.')
+    return _apply(xf, *_factors(p, axes, epsilon, xf)).astype(x.dtype)
 
 
 def l2_normalize(x, *, axis=-1, epsilon: float = 1e-12) -> jax.Array:
@@ -66,59 +63,24 @@ _RANGE = 2.0 ** 100  # sums of powers inside [1 / _RANGE, _RANGE] are safe
 
 
 def _total(xf, p, axes):
-    """``sum |x|**p`` over ``axes`` (``max |x|`` for ``p = inf``), kept dims, unscaled."""
+    """``sum |x|**p`` over ``axes`` (``max |x|`` for ``p = inf``), kept dims.
+
+    Never differentiated (:func:`_normalize` has its own rule)."""
     magnitude = jnp.abs(xf)
     if math.isinf(p):
         return jnp.max(magnitude, axis=axes, keepdims=True)
-    if p == 1:  # the where makes the derivative of |x| at 0 be 0, as sign(0)
-        return jnp.sum(jnp.where(xf != 0, magnitude, 0), axis=axes, keepdims=True)
-    if p == 2:  # x * x has a finite gradient at 0: only the root needs guarding
+    if p == 1:
+        return jnp.sum(magnitude, axis=axes, keepdims=True)
+    if p == 2:
         return jnp.sum(xf * xf, axis=axes, keepdims=True)
-    # Both wheres keep the gradient finite where x is 0.
-    nonzero = magnitude > 0
-    return jnp.sum(jnp.where(nonzero, jnp.where(nonzero, magnitude, 1) ** p, 0), axis=axes,
-                   keepdims=True)
+    return jnp.sum(magnitude ** p, axis=axes, keepdims=True)
 
 
 def _root(total, p):
-    """``total**(1/p)`` with a finite gradient at 0."""
+    """``total**(1/p)``."""
     if math.isinf(p) or p == 1:
         return total
-    positive = total > 0
-    safe = jnp.where(positive, total, 1)
-    return jnp.where(positive, jnp.sqrt(safe) if p == 2 else safe ** (1 / p), 0)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _norm_of(p, axes, xf, total):
-    """``||x||_p`` from its power sum ``total`` (:func:`_total`, no gradient of its own).
-
-    Its derivative, ``v = sign(x) |x / ||x|| |**(p-1)`` (``x / ||x||`` for
-    ``p = 2``; ``sign(x)`` for ``p = 1``; the largest entries, ties sharing,
-    for ``p = inf``), is bounded: no power of ``x`` is formed.
-    """
-    return _root(total, p)
-
-
-@_norm_of.defjvp
-def _norm_of_jvp(p, axes, primals, tangents):
-    xf, total = primals
-    dx, _ = tangents
-    norm = _norm_of(p, axes, xf, total)  # through this rule again at higher orders
-    positive = norm > 0
-    u = xf / jnp.where(positive, norm, 1)  # |u| <= 1 where the norm is right
-    if math.isinf(p):
-        largest = (jnp.abs(xf) == norm) & positive
-        v = jnp.where(largest, jnp.sign(xf), 0) / jnp.maximum(
-            jnp.sum(largest, axis=axes, keepdims=True), 1)
-    elif p == 1:
-        v = jnp.sign(xf)
-    elif p == 2:
-        v = u
-    else:
-        nonzero = u != 0
-        v = jnp.where(nonzero, jnp.sign(u) * jnp.where(nonzero, jnp.abs(u), 1) ** (p - 1), 0)
-    return norm, jnp.sum(jnp.where(positive, v, 0) * dx, axis=axes, keepdims=True)
+    return jnp.sqrt(total) if p == 2 else total ** (1 / p)
 
 
 def _out_of_range(total, p, epsilon):
@@ -131,49 +93,108 @@ def _out_of_range(total, p, epsilon):
     return risky
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _plain(p, axes, epsilon, xf, total):
-    """``x / max(||x||_p, epsilon)`` with the norm from its power sum ``total``.
+    """:func:`_factors` from the unscaled power sum (``s = 1``)."""
+    return _outputs(_root(total, p), epsilon, jnp.ones_like(total))
 
-    The derivative is taken as ``dy = (dx - y d max(||x||, epsilon)) / max(||x||,
-    epsilon)``, whose terms stay in range: the chain rule through the division
-    would form ``x / ||x||**2``, which overflows for norms below about 1e-19.
+
+def _scaled(p, axes, epsilon, xf, total):
+    """:func:`_factors` with each vector taken at a power-of-two scale ``s``.
+
+    ``s = 2**-k`` where ``max|x| = f 2**k`` (``f`` in [0.5, 1); ``k``
+    clipped to the dtype's normal exponents), so ``x s`` is exact and its
+    largest magnitude is near 1. For ``p`` other than 1, 2 and inf the norm
+    is taken relative to ``m = max|x s|``, whose power is 1, so no ``p``
+    overflows or underflows. ``total`` (the unscaled power sum) is not used.
     """
-    return xf / jnp.maximum(_root(total, p), epsilon)
-
-
-@_plain.defjvp
-def _plain_jvp(p, axes, epsilon, primals, tangents):
-    xf, total = primals
-    dx, _ = tangents
-    y = _plain(p, axes, epsilon, xf, total)
-    norm, dnorm = jax.jvp(lambda v: _norm_of(p, axes, v, total), (xf,), (dx,))
-    # d max(norm, epsilon) / d norm as jnp.maximum's: 1 above, 1/2 at a tie, 0 below.
-    weight = jnp.where(norm > epsilon, 1.0, jnp.where(norm == epsilon, 0.5, 0.0))
-    return y, (dx - y * (weight * dnorm)) / jnp.maximum(norm, epsilon)
-
-
-def _scaled(xf, p, axes, epsilon):
-    """``x / max(||x||_p, epsilon)`` with each vector taken at a power-of-two scale.
-
-    With ``s = 2**-k`` (``max|x| = f 2**k``, ``f`` in [0.5, 1); ``k``
-    clipped to float32's normal exponents) and ``zs = x * s``:
-    ``y = zs / max(||zs||_p, epsilon * s)``, the same for any ``s > 0``, so
-    ``s`` carries no gradient. For ``p`` other than 1, 2 and inf the norm
-    is taken relative to ``m = max|zs|``, whose power is 1, so no ``p``
-    overflows or underflows.
-    """
-    largest = jax.lax.stop_gradient(jnp.max(jnp.abs(xf), axis=axes, keepdims=True))
+    del total
+    largest = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
     info = jnp.finfo(xf.dtype)
     _, exponent = jnp.frexp(largest)
     exponent = jnp.clip(exponent, info.minexp + 1, info.maxexp - 2)
-    s = jax.lax.stop_gradient(jnp.ldexp(jnp.ones_like(largest), -exponent))
+    s = jnp.ldexp(jnp.ones_like(largest), -exponent)
     zs = xf * s
     if math.isinf(p) or p in (1, 2):
         norm = _root(_total(zs, p, axes), p)
     else:
         m = jnp.where(largest > 0, largest * s, 1)
         norm = m * _root(_total(zs / m, p, axes), p)
-    floor = jnp.maximum(norm, epsilon * s)
-    positive = floor > 0
-    return jnp.where(positive, zs / jnp.where(positive, floor, 1), 0)
+    return _outputs(norm, epsilon * s, s)
+
+
+def _outputs(norm, floor, s):
+    """``(s, inv, norm, weight)`` from ``norm = ||x s||_p`` and ``floor = epsilon s``.
+
+    ``inv`` is finite: the divisor is at least ``epsilon`` (a normal number)
+    for ``x = 0``, and near 1 or above wherever ``s < 1``.
+    """
+    weight = jnp.where(norm > floor, 1.0, jnp.where(norm == floor, 0.5, 0.0)).astype(norm.dtype)
+    return s, 1 / jnp.maximum(norm, floor), norm, weight
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _factors(p, axes, epsilon, xf):
+    """Per vector ``(s, inv, norm, weight)`` with ``y = x s inv = x / max(||x||_p, epsilon)``.
+
+    ``s`` is a power of two (1 unless the vector is out of range), ``norm =
+    ||x s||_p``, ``inv = 1 / max(norm, epsilon s)`` and ``weight = d
+    max(||x||_p, epsilon) / d ||x||_p`` as ``jnp.maximum``'s (1 above, 1/2
+    at a tie, 0 below).
+
+    Vectors whose powers leave float32's comfortable range are rare: only
+    then does the call take :func:`_scaled`, which gives the same ``y`` (bit
+    for bit for p = 1, 2 and inf) wherever :func:`_plain` is right, and
+    right values where it is not. Ordinary data pay one comparison per
+    vector. Only per-vector values leave the branch, and it is never
+    differentiated: the rule below gives the derivative of the norm,
+    ``v = sign(u) |u|**(p-1)`` with ``u = x s / norm``, bounded, so no
+    power of ``x`` is formed (the chain rule through ``x / ||x||`` would
+    form ``x / ||x||**2``, which overflows for norms below about 1e-19).
+    """
+    total = _total(xf, p, axes)
+    risky = jnp.any(_out_of_range(total, p, epsilon))
+    return jax.lax.cond(risky, functools.partial(_scaled, p, axes, epsilon),
+                        functools.partial(_plain, p, axes, epsilon), xf, total)
+
+
+@_factors.defjvp
+def _factors_jvp(p, axes, epsilon, primals, tangents):
+    (xf,), (dx,) = primals, tangents
+    s, inv, norm, weight = _factors(p, axes, epsilon, xf)  # this rule again at higher orders
+    positive = norm > 0
+    if math.isinf(p):  # the largest entries, ties sharing
+        magnitude = jnp.abs(xf)
+        largest = (magnitude == jnp.max(magnitude, axis=axes, keepdims=True)) & positive
+        v = jnp.where(largest, jnp.sign(xf), 0) / jnp.maximum(
+            jnp.sum(largest, axis=axes, keepdims=True), 1)
+    elif p == 1:
+        v = jnp.sign(xf)
+    else:
+        u = xf * s / jnp.where(positive, norm, 1)  # |u| <= 1
+        nonzero = u != 0
+        v = u if p == 2 else jnp.where(
+            nonzero, jnp.sign(u) * jnp.where(nonzero, jnp.abs(u), 1) ** (p - 1), 0)
+    dnorm = s * jnp.sum(v * dx, axis=axes, keepdims=True)  # d||x s||
+    zero = jnp.zeros_like(weight)
+    return (s, inv, norm, weight), (zero, -inv * (weight * (inv * dnorm)), dnorm, zero)
+
+
+@jax.custom_jvp
+def _apply(xf, s, inv, norm, weight):
+    """``y = x s inv`` from :func:`_factors`.
+
+    Its rule takes the norm's tangent, not ``inv``'s: ``dy = (dx s - y
+    weight dnorm) inv``, whose terms stay in range where ``inv``'s own
+    derivative, ``-inv**2 weight dnorm``, would overflow (norms below about
+    1e-19).
+    """
+    del norm, weight
+    return xf * s * inv
+
+
+@_apply.defjvp
+def _apply_jvp(primals, tangents):
+    xf, s, inv, norm, weight = primals
+    dx, _, _, dnorm, _ = tangents
+    y = _apply(*primals)
+    return y, (dx * s - y * (weight * dnorm)) * inv

@@ -100,6 +100,35 @@ def test_zero_gives_zero_and_finite_gradients():
         assert np.all(np.isfinite(grad)), p
 
 
+def test_smallest_epsilon_zero_vector_and_gradient():
+    # The smallest epsilon allowed: x = 0 gives 0, its gradient is w / epsilon
+    # (finite, about 1e38); a nonzero vector is unaffected.
+    tiny = float(np.finfo(np.float32).tiny)
+    x = np.zeros((2, 3), np.float32)
+    x[1] = [3.0, -4.0, 0.0]
+    w = np.array([[1.0, -2.0, 0.5], [1.0, 1.0, 1.0]], np.float32)
+
+    @jax.jit
+    def run(x):
+        def loss(x, p):
+            return jnp.sum(w * nl.lp_normalize(x, p, epsilon=tiny))
+        return {str(p): (nl.lp_normalize(x, p, epsilon=tiny), jax.grad(loss)(x, p)) for p in PS}
+
+    for p, (y, grad) in run(x).items():
+        np.testing.assert_array_equal(y[0], np.zeros(3), err_msg=p)
+        np.testing.assert_allclose(y[1], np_lp_normalize(x[1], float(p)), rtol=1e-6, err_msg=p)
+        np.testing.assert_allclose(grad[0], w[0] / np.float64(tiny), rtol=1e-6, err_msg=p)
+
+
+def test_epsilon_below_the_smallest_normal_is_rejected():
+    # XLA flushes it to 0, and x = 0 would then give 0 / 0.
+    with pytest.raises(ValueError, match='epsilon must be at least 1.17549e-38'):
+        nl.lp_normalize(jnp.ones(3), epsilon=1e-40)
+    with jax.enable_x64(True):  # float64 norms allow a smaller epsilon
+        y = nl.lp_normalize(jnp.zeros(3, jnp.float64), epsilon=1e-300)
+    np.testing.assert_array_equal(y, np.zeros(3))
+
+
 def test_check_grads_second_order():
     rng = np.random.default_rng(4)
     with jax.enable_x64(True):
