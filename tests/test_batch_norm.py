@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 import normlib as nl
 
@@ -478,22 +477,8 @@ def test_huge_spread_over_many_elements_stays_finite():
     np.testing.assert_allclose(y, y_ref, atol=1e-3)
 
 
-def test_check_grads_second_order():
-    """Training, training with a mask, and eval, in one check (each output is checked)."""
-    rng = np.random.default_rng(17)
-    with jax.enable_x64(True):
-        x = rng.normal(size=(6, 3))
-        scale, bias = rng.uniform(0.5, 1.5, 3), rng.normal(size=3)
-        state = nl.BatchNormState(jnp.asarray(rng.normal(size=3)),
-                                  jnp.asarray(rng.uniform(0.5, 2, 3)), jnp.zeros((), jnp.int32))
-        mask = rng.uniform(size=(6, 3)) < 0.7
-        mask[:2] = True
-
-        def f(x, scale, bias):
-            return tuple(nl.batch_norm(x, state, scale, bias, training=training, mask=m)[0]
-                         for training, m in [(True, None), (True, mask), (False, None)])
-
-        check_grads(jax.jit(f), (x, scale, bias), order=2, modes=['rev'])
+# Second-order derivatives (training, mask, eval) are checked in forward and
+# reverse mode in test_moments.py::test_forward_and_reverse_mode_to_second_order.
 
 
 def jnp_reference_bn(x, scale, bias):

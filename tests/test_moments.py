@@ -264,7 +264,7 @@ def _normalizers():
         'l1_batch_norm': lambda x, s, b: normlib.l1_batch_norm(
             x, state, s, b, training=True, mask=mask, epsilon=1e-3)[0],
         'layer_norm': lambda x, s, b: normlib.layer_norm(x, s, b, epsilon=1e-3, mask=mask),
-        'rms_norm': lambda x, s, b: normlib.rms_norm(x, s, epsilon=1e-3) + b,
+        'rms_norm': lambda x, s, b: normlib.rms_norm(x, s, epsilon=1e-3, mask=mask) + b,
         'group_norm': lambda x, s, b: normlib.group_norm(x, s, b, num_groups=2, epsilon=1e-3),
         'instance_norm': lambda x, s, b: normlib.instance_norm(x, s, b, epsilon=1e-3),
     }  # lp_normalize: the same checks in test_lp_norm.py and test_lp_range.py
