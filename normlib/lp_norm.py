@@ -46,7 +46,8 @@ def lp_normalize(x, p: float = 2.0, *, axis=-1, epsilon: float = 1e-12) -> jax.A
     if epsilon < tiny:  # XLA flushes it to 0: x = 0 would give 0 / 0
         raise ValueError(f'epsilon must be at least {tiny:g}, the smallest normal '
                          f'{xf.dtype.name} (the dtype the norm is computed in), got {epsilon!r}.')
-    return _apply(xf, *_factors(p, axes, epsilon, xf)).astype(x.dtype)
+    y, *_ = _normalize(p, axes, epsilon, xf)
+    return y.astype(x.dtype)
 
 
 def l2_normalize(x, *, axis=-1, epsilon: float = 1e-12) -> jax.Array:
@@ -94,18 +95,19 @@ def _out_of_range(total, p, epsilon):
 
 
 def _plain(p, axes, epsilon, xf, total):
-    """:func:`_factors` from the unscaled power sum (``s = 1``)."""
-    return _outputs(_root(total, p), epsilon, jnp.ones_like(total))
+    """:func:`_normalize`'s outputs from the unscaled power sum (``s = 1``)."""
+    return _outputs(xf, _root(total, p), epsilon, 1)
 
 
 def _scaled(p, axes, epsilon, xf, total):
-    """:func:`_factors` with each vector taken at a power-of-two scale ``s``.
+    """:func:`_normalize`'s outputs with each vector taken at a power-of-two scale ``s``.
 
     ``s = 2**-k`` where ``max|x| = f 2**k`` (``f`` in [0.5, 1); ``k``
-    clipped to the dtype's normal exponents), so ``x s`` is exact and its
-    largest magnitude is near 1. For ``p`` other than 1, 2 and inf the norm
-    is taken relative to ``m = max|x s|``, whose power is 1, so no ``p``
-    overflows or underflows. ``total`` (the unscaled power sum) is not used.
+    clipped to the dtype's normal exponents), so ``zs = x s`` is exact and
+    its largest magnitude is near 1: ``y = zs / max(||zs||_p, epsilon s)``.
+    For ``p`` other than 1, 2 and inf the norm is taken relative to ``m =
+    max|zs|``, whose power is 1, so no ``p`` overflows or underflows.
+    ``total`` (the unscaled power sum) is not used.
     """
     del total
     largest = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
@@ -119,37 +121,36 @@ def _scaled(p, axes, epsilon, xf, total):
     else:
         m = jnp.where(largest > 0, largest * s, 1)
         norm = m * _root(_total(zs / m, p, axes), p)
-    return _outputs(norm, epsilon * s, s)
+    return _outputs(zs, norm, epsilon * s, s)
 
 
-def _outputs(norm, floor, s):
-    """``(s, inv, norm, weight)`` from ``norm = ||x s||_p`` and ``floor = epsilon s``.
-
-    ``inv`` is finite: the divisor is at least ``epsilon`` (a normal number)
-    for ``x = 0``, and near 1 or above wherever ``s < 1``.
-    """
-    weight = jnp.where(norm > floor, 1.0, jnp.where(norm == floor, 0.5, 0.0)).astype(norm.dtype)
-    return s, 1 / jnp.maximum(norm, floor), norm, weight
+def _outputs(z, norm, floor, s):
+    """``(y, inv, r, weight)`` from ``z = x s``, ``||z||_p`` and ``floor = epsilon s``."""
+    bound = jnp.maximum(norm, floor)
+    positive = norm > 0
+    r = jnp.where(positive, bound / jnp.where(positive, norm, 1), 0)
+    weight = jnp.where(norm > floor, 1.0, jnp.where(norm == floor, 0.5, 0.0)).astype(z.dtype)
+    return z / bound, s / bound, r, weight
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _factors(p, axes, epsilon, xf):
-    """Per vector ``(s, inv, norm, weight)`` with ``y = x s inv = x / max(||x||_p, epsilon)``.
-
-    ``s`` is a power of two (1 unless the vector is out of range), ``norm =
-    ||x s||_p``, ``inv = 1 / max(norm, epsilon s)`` and ``weight = d
-    max(||x||_p, epsilon) / d ||x||_p`` as ``jnp.maximum``'s (1 above, 1/2
-    at a tie, 0 below).
+def _normalize(p, axes, epsilon, xf):
+    """``(y, inv, r, weight)``: ``y = x / max(||x||_p, epsilon)`` and, per
+    vector, ``inv = 1 / max(||x||_p, epsilon)``, ``r = max(||x||_p,
+    epsilon) / ||x||_p`` (0 where ``x = 0``; ``x / ||x||_p = y r``) and
+    ``weight = d max(||x||_p, epsilon) / d ||x||_p`` as ``jnp.maximum``'s
+    (1 above, 1/2 at a tie, 0 below).
 
     Vectors whose powers leave float32's comfortable range are rare: only
     then does the call take :func:`_scaled`, which gives the same ``y`` (bit
     for bit for p = 1, 2 and inf) wherever :func:`_plain` is right, and
     right values where it is not. Ordinary data pay one comparison per
-    vector. Only per-vector values leave the branch, and it is never
-    differentiated: the rule below gives the derivative of the norm,
-    ``v = sign(u) |u|**(p-1)`` with ``u = x s / norm``, bounded, so no
-    power of ``x`` is formed (the chain rule through ``x / ||x||`` would
-    form ``x / ||x||**2``, which overflows for norms below about 1e-19).
+    vector. The branch is never differentiated (differentiating through
+    ``lax.cond`` doubled the backward pass's cost): the rule below takes the
+    derivative from these outputs, with the norm's derivative ``v =
+    sign(u) |u|**(p-1)``, ``u = y r``, bounded, so no power of ``x`` is formed
+    (the chain rule through ``x / ||x||`` would form ``x / ||x||**2``, which
+    overflows for norms below about 1e-19).
     """
     total = _total(xf, p, axes)
     risky = jnp.any(_out_of_range(total, p, epsilon))
@@ -157,44 +158,26 @@ def _factors(p, axes, epsilon, xf):
                         functools.partial(_plain, p, axes, epsilon), xf, total)
 
 
-@_factors.defjvp
-def _factors_jvp(p, axes, epsilon, primals, tangents):
+@_normalize.defjvp
+def _normalize_jvp(p, axes, epsilon, primals, tangents):
     (xf,), (dx,) = primals, tangents
-    s, inv, norm, weight = _factors(p, axes, epsilon, xf)  # this rule again at higher orders
-    positive = norm > 0
+    y, inv, r, weight = _normalize(p, axes, epsilon, xf)  # this rule again at higher orders
     if math.isinf(p):  # the largest entries, ties sharing
         magnitude = jnp.abs(xf)
-        largest = (magnitude == jnp.max(magnitude, axis=axes, keepdims=True)) & positive
+        largest = (magnitude == jnp.max(magnitude, axis=axes, keepdims=True)) & (r > 0)
         v = jnp.where(largest, jnp.sign(xf), 0) / jnp.maximum(
             jnp.sum(largest, axis=axes, keepdims=True), 1)
     elif p == 1:
         v = jnp.sign(xf)
+    elif p == 2:
+        v = y * r
     else:
-        u = xf * s / jnp.where(positive, norm, 1)  # |u| <= 1
+        u = y * r
         nonzero = u != 0
-        v = u if p == 2 else jnp.where(
-            nonzero, jnp.sign(u) * jnp.where(nonzero, jnp.abs(u), 1) ** (p - 1), 0)
-    dnorm = s * jnp.sum(v * dx, axis=axes, keepdims=True)  # d||x s||
-    zero = jnp.zeros_like(weight)
-    return (s, inv, norm, weight), (zero, -inv * (weight * (inv * dnorm)), dnorm, zero)
-
-
-@jax.custom_jvp
-def _apply(xf, s, inv, norm, weight):
-    """``y = x s inv`` from :func:`_factors`.
-
-    Its rule takes the norm's tangent, not ``inv``'s: ``dy = (dx s - y
-    weight dnorm) inv``, whose terms stay in range where ``inv``'s own
-    derivative, ``-inv**2 weight dnorm``, would overflow (norms below about
-    1e-19).
-    """
-    del norm, weight
-    return xf * s * inv
-
-
-@_apply.defjvp
-def _apply_jvp(primals, tangents):
-    xf, s, inv, norm, weight = primals
-    dx, _, _, dnorm, _ = tangents
-    y = _apply(*primals)
-    return y, (dx * s - y * (weight * dnorm)) * inv
+        v = jnp.where(nonzero, jnp.sign(u) * jnp.where(nonzero, jnp.abs(u), 1) ** (p - 1), 0)
+    dn = inv * jnp.sum(v * dx, axis=axes, keepdims=True)  # d||x|| / max(||x||, epsilon)
+    # y = x inv, so dy = dx inv + x dinv with dinv = -inv weight dn; inv's own
+    # tangent (needed only at higher orders) may overflow where dy does not.
+    dy = dx * inv - y * (weight * dn)
+    return (y, inv, r, weight), (dy, -inv * (weight * dn), (weight - r) * r * dn,
+                                 jnp.zeros_like(weight))
