@@ -16,3 +16,10 @@ os.environ.setdefault('KERAS_BACKEND', 'jax')
 collect_ignore = [path for module, path in (('keras', 'normlib/keras.py'),
                                             ('equinox', 'normlib/equinox.py'))
                   if importlib.util.find_spec(module) is None]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` (default runs of the examples, the benchmark
+    harness) go first, so that pytest-xdist's workers do not wait on one of
+    them at the end."""
+    items.sort(key=lambda item: item.get_closest_marker('long') is None)  # stable

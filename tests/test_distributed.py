@@ -323,6 +323,7 @@ def test_two_processes_match_one(tmp_path):
     _close(state.mean, 0.01 * x64.mean(0), 1e-5)
 
 
+@pytest.mark.long
 def test_data_parallel_example_passes_its_check_at_default_settings():
     # The default run (200 steps, shard_map and pmap), not only --smoke: every
     # step is compared with a single-device step from the same train state, so

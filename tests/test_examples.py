@@ -125,6 +125,7 @@ def check_curves(result, steps, eval_every):
         assert p15 <= p50 <= p85
 
 
+@pytest.mark.long
 def test_bn_mnist_default_run_reproduces_figure_1(tmp_path):
     # The README's main job as users run it (3000 steps, evaluated every 50),
     # and the numbers the README quotes from it.
@@ -200,6 +201,7 @@ def test_lr_robustness_table():
     assert 'never' not in text and 'nan' in text and '0.970' in text
 
 
+@pytest.mark.long
 def test_flax_resnet_default_run(tmp_path):
     metrics = flax_resnet.main(['--out', str(tmp_path)])
     saved = json.loads((tmp_path / 'metrics.json').read_text())
@@ -249,6 +251,7 @@ def test_loss_landscape_measures_match_a_direct_computation():
                                rtol=1e-4)
 
 
+@pytest.mark.long
 def test_loss_landscape_default_run_reproduces_the_paper(tmp_path):
     """The default settings, as users run them: every normalized net's landscape
     is smoother than the plain net's on all three measures (Santurkar et al., Fig. 4)."""

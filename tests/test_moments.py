@@ -265,8 +265,10 @@ def _normalizers():
             x, state, s, b, training=True, mask=mask, epsilon=1e-3)[0],
         'layer_norm': lambda x, s, b: normlib.layer_norm(x, s, b, epsilon=1e-3, mask=mask),
         'rms_norm': lambda x, s, b: normlib.rms_norm(x, s, epsilon=1e-3, mask=mask) + b,
-        'group_norm': lambda x, s, b: normlib.group_norm(x, s, b, num_groups=2, epsilon=1e-3),
-        'instance_norm': lambda x, s, b: normlib.instance_norm(x, s, b, epsilon=1e-3),
+        # Both are layer norm's standardize over other axes: one check for the pair.
+        'group_norm + instance_norm': lambda x, s, b: (
+            normlib.group_norm(x, s, b, num_groups=2, epsilon=1e-3)
+            + jnp.cos(normlib.instance_norm(x, s, b, epsilon=1e-3))),
     }  # lp_normalize: the same checks in test_lp_norm.py and test_lp_range.py
 
 
