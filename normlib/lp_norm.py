@@ -26,8 +26,7 @@ def lp_normalize(x, p: float = 2.0, *, axis=-1, epsilon: float = 1e-12) -> jax.A
     or small ones with a tiny ``epsilon`` or a large ``p``), every vector
     is taken at a power-of-two scale near ``1 / max|x|`` first, so results
     are right across float32's range; the scaling is exact, so the result
-    is the one the unscaled formula gives wherever that is right. ``y`` is
-    ``x`` times the reciprocal of the divisor, within an ulp of the quotient.
+    is the one the unscaled formula gives wherever that is right.
 
     Args:
       x: floating-point input.
