@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -101,7 +102,7 @@ def _sum(x, axes):
 _SAMPLE = 256
 
 
-def _anchor(xf, axes, mask, keep, share):
+def _anchor(xf, axes, mask, keep, count):
     """A float32 value next to the mean of the valid entries, kept dims.
 
     Dense data reduced over leading axes (batch statistics, where each
@@ -123,11 +124,36 @@ def _anchor(xf, axes, mask, keep, share):
         # sample does not line up with a period of the layout (image corners).
         flat = (np.arange(m) * total) // m + (np.arange(m) * 40503) % max(total // m, 1)
         positions = iter(np.unravel_index(flat, sizes))
-        sample = xf[tuple(next(positions) if i in axes else slice(None) for i in range(xf.ndim))]
+        index = tuple(next(positions) if i in axes else slice(None) for i in range(xf.ndim))
+        sample = _pick(xf, index, axes, gathered=True)
         return jnp.mean(sample, axis=0).reshape((1,) * len(axes) + sample.shape[1:])
     first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(xf.ndim))
-    anchor = xf[first] if mask is None else jnp.where(mask[first], xf[first], 0)
-    return anchor + _sum(keep(xf - anchor), axes) * share
+    anchor = _pick(xf, first, axes)
+    if mask is not None:
+        anchor = jnp.where(_pick(mask, first, axes), anchor, 0)
+    # A quotient, not a product: each pass that subtracts the anchor may
+    # compute it again, and a product there can be contracted into a fused
+    # multiply-add that rounds it differently; a quotient rounds the same way
+    # everywhere, so every pass takes its sums around the same anchor.
+    return anchor + _sum(keep(xf - anchor), axes) / jnp.maximum(count, 1)
+
+
+def _pick(v, index, axes, gathered=False):
+    """``v[index]``, a static pick along the reduced ``axes``: slices, or
+    (``gathered``) arrays of positions along leading axes, stacked in front.
+
+    Under a mesh with Explicit axes (``jax.make_mesh``'s default), a pick
+    along a sharded axis has no sharding JAX can infer. There it runs with
+    the mesh's axes Auto, and its result is replicated along what was picked
+    and sharded as ``v`` elsewhere.
+    """
+    sharding = jax.typeof(v).sharding
+    if not getattr(sharding.mesh, 'explicit_axes', ()):
+        return v[index]
+    spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+    kept = [None if i in axes else s for i, s in enumerate(spec)]
+    out = [None] + kept[len(axes):] if gathered else kept
+    return jax.sharding.auto_axes(lambda v: v[index], out_sharding=jax.P(*out))(v)
 
 
 def _part_moments(x, axes, mask, center, scale=None) -> Moments:
@@ -157,7 +183,7 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
         var = _sum(keep(_abs2(xf) * share), axes)
         zero = jnp.zeros_like(var)
         return Moments(jnp.broadcast_to(count, var.shape), zero, zero, var)
-    anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, share))
+    anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, count))
     # Each pass converts its own copy of x: a shared float32 copy would be
     # written to memory and read back.
     x1, anchor1, scale1 = _schedule.private((x, anchor, scale), 1)
@@ -192,29 +218,6 @@ def merge(parts: Moments) -> Moments:
     return Moments(count, shift, delta, var)
 
 
-def _gather(value, axis_name, groups, sizes):
-    """``value`` of every shard in this shard's group, stacked, in one psum.
-
-    Each shard writes its value into its own slot of a zero buffer and the
-    buffers are summed. Unlike ``all_gather``, this works for any mix of
-    pmap, vmap and shard_map axes, and its result is known to be replicated,
-    so shard_map accepts the new running statistics as replicated outputs.
-    Groups are taken from the full buffer afterwards, since vmap and
-    shard_map collectives take no ``axis_index_groups``.
-    """
-    index, size = 0, 1
-    for name, n in zip(axis_name, sizes):  # row-major; a tuple's axis_index
-        index, size = index * n + jax.lax.axis_index(name), size * n  # fails in vmap-in-pmap
-    slots = jnp.zeros((size,) + value.shape, value.dtype).at[index].set(value)
-    parts = jax.lax.psum(slots, axis_name)
-    if groups is None:
-        return parts
-    members = np.zeros((size, len(groups[0])), np.int32)
-    for group in groups:
-        members[list(group)] = group
-    return parts[jnp.asarray(members)[index]]
-
-
 class Sync(NamedTuple):
     """The named axes to reduce over too, with their sizes (static).
 
@@ -231,20 +234,120 @@ class Sync(NamedTuple):
             return None
         return cls(tuple(axis_name), groups, tuple(jax.lax.axis_size(n) for n in axis_name))
 
+    @property
+    def shards(self) -> int:
+        """The number of shards merged together: one group's."""
+        return len(self.groups[0]) if self.groups is not None else math.prod(self.sizes)
 
-def _group_reduce(value, sync: Sync | None, collective, reduce):
-    """``value`` reduced over the shards of this shard's group (itself without ``sync``):
-    one ``collective`` over the axes, or ``reduce`` of the gathered group."""
+
+def _shard_index(sync: Sync):
+    index = 0
+    for name, n in zip(sync.axis_name, sync.sizes):  # row-major; a tuple's axis_index
+        index = index * n + jax.lax.axis_index(name)  # fails in vmap-in-pmap
+    return index
+
+
+def _group_reduce(value, sync: Sync | None, collective, empty):
+    """``value`` reduced over the shards of this shard's group (itself without
+    ``sync``), in one ``collective`` (``psum``, ``pmax``).
+
+    With ``axis_index_groups``, JAX's grouped collective where the mapping
+    takes groups (``pmap``). ``vmap`` and ``shard_map`` collectives take no
+    groups: there each group's shards write into their group's slot of a
+    buffer of one slot per group (``empty`` elsewhere), so the message grows
+    with the number of groups but never with the shards in a group.
+    """
     if sync is None:
         return value
     if sync.groups is None:
         return collective(value, sync.axis_name)
-    return reduce(_gather(value, sync.axis_name, sync.groups, sync.sizes), axis=0)
+    try:
+        return collective(value, sync.axis_name, axis_index_groups=sync.groups)
+    except NotImplementedError:  # raised while tracing, before anything is emitted
+        pass
+    group_of = np.zeros(math.prod(sync.sizes), np.int32)
+    for g, members in enumerate(sync.groups):
+        group_of[list(members)] = g
+    mine = jnp.asarray(group_of)[_shard_index(sync)]
+    slots = jnp.full((len(sync.groups),) + value.shape, empty, value.dtype).at[mine].set(value)
+    return collective(slots, sync.axis_name)[mine]
 
 
 def group_sum(value, sync: Sync | None):
     """``value`` summed over the shards of this shard's group (itself without ``sync``)."""
-    return _group_reduce(value, sync, jax.lax.psum, jnp.sum)
+    return _group_reduce(value, sync, jax.lax.psum, 0)
+
+
+def group_max(value, sync: Sync | None):
+    """``value``'s maximum over the shards of this shard's group."""
+    return _group_reduce(value, sync, jax.lax.pmax, -jnp.inf)
+
+
+def _sum_over_shards(fields, sync: Sync):
+    """Each array of ``fields`` summed over the group, in one collective.
+
+    The arrays travel as one flat real buffer (complex ones as their real
+    and imaginary parts), so a round costs one collective of their total size.
+    """
+    parts = [p for f in fields for p in ((f.real, f.imag) if jnp.iscomplexobj(f) else (f,))]
+    flat = group_sum(jnp.concatenate([p.reshape(-1) for p in parts]), sync)
+    sums, start = [], 0
+    for p in parts:
+        sums.append(flat[start:start + p.size].reshape(p.shape))
+        start += p.size
+    sums = iter(sums)
+    return [jax.lax.complex(next(sums), next(sums)) if jnp.iscomplexobj(f) else next(sums)
+            for f in fields]
+
+
+def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
+                  sync: Sync) -> Moments:
+    r"""The moments of all the shards of ``sync`` together, with a message of
+    fixed size: Chan et al.'s merge around a shift every shard agrees on.
+
+    Shard :math:`i` holds :math:`n_i` valid entries (of ``entries`` per
+    shard) with mean :math:`\mu_i` (``shift_i + delta_i``) and variance
+    :math:`\sigma_i^2`; :math:`n = \sum_i n_i`, :math:`w_i = n_i / n`.
+
+    1. One ``psum`` of the counts and the count-weighted means gives the
+       shift :math:`c = \sum_i w_i \mu_i`, the global mean up to rounding,
+       bit-identical on every shard. Without a mask every shard holds
+       ``entries`` (mapped shapes are equal), so counts are not sent.
+    2. One ``psum`` of :math:`w_i o_i` and :math:`w_i (\sigma_i^2 + |o_i|^2)`
+       with :math:`o_i = (shift_i - c) + delta_i`:
+
+       .. math::
+         \delta = \sum_i w_i o_i, \qquad
+         \sigma^2 = \sum_i w_i \big(\sigma_i^2 + |o_i|^2\big) - |\delta|^2
+
+    Around a shift within rounding of the mean, :math:`o_i` is of the order
+    of the spread of the shards' means and :math:`\delta` is tiny, so
+    nothing cancels: as exact as :func:`merge` of the gathered parts, for
+    any offset, layout and count. Weights are taken before sums, so sums of
+    large values do not overflow. Uncentered moments (RMS norm) need round 1
+    only: the weighted mean of the mean squares.
+    """
+    total = entries * sync.shards  # the most valid entries there can be
+    count = local.count if masked else jnp.full_like(local.count, entries)
+    value = local.mean if center else local.var
+    if masked:
+        count, weighted = _sum_over_shards([count, value * (count / max(total, 1))], sync)
+        # A quotient, as in _anchor: every pass computes the same shift.
+        merged = weighted / (jnp.maximum(count, 1) / max(total, 1))
+    else:
+        count = jnp.full_like(local.count, total)
+        merged, = _sum_over_shards([value / sync.shards], sync)
+    weights = local.count / jnp.maximum(count, 1) if masked else jnp.full_like(
+        local.count, 1 / sync.shards if total else 0)
+    if not center:
+        zero = jnp.zeros_like(local.var)
+        return Moments(count, zero, zero, jnp.where(count > 0, merged, 0))
+    shift = jax.lax.stop_gradient(merged)
+    # An empty shard adds nothing; its offset is zeroed so 0 * inf cannot arise.
+    offsets = jnp.where(local.count > 0, (local.shift - shift) + local.delta, 0)
+    delta, second = _sum_over_shards([weights * offsets,
+                                      weights * (local.var + _abs2(offsets))], sync)
+    return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0))
 
 
 def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
@@ -252,7 +355,8 @@ def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
     """The :class:`Moments` of ``x`` over ``axes`` (kept dims) and the ``sync`` axes.
 
     Entries where ``mask`` is False are left out. The shards of the ``sync``
-    axes are merged with :func:`merge`, so the result is the moments of the
+    axes are merged by :func:`_merge_shards` (two collectives of fixed size,
+    one for uncentered moments), so the result is the moments of the
     concatenated valid entries, in float32 or wider. With ``scale`` (kept
     dims, no ``sync``), the moments of ``x * scale``.
     """
@@ -260,17 +364,8 @@ def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
     if sync is None:
         return local
     assert scale is None, 'scaled moments are per shard'
-
-    fields = list(local)
-    if jnp.iscomplexobj(local.shift):  # one real buffer: count, shift, delta, var
-        fields = [local.count, local.shift.real, local.shift.imag, local.delta.real,
-                  local.delta.imag, local.var]
-    stacked = jnp.moveaxis(_gather(jnp.stack(fields), sync.axis_name, sync.groups, sync.sizes),
-                           1, 0)
-    if len(fields) > 4:
-        stacked = (stacked[0], jax.lax.complex(stacked[1], stacked[2]),
-                   jax.lax.complex(stacked[3], stacked[4]), stacked[5])
-    return merge(Moments(*stacked))
+    entries = math.prod(x.shape[a] for a in axes)
+    return _merge_shards(local, entries, mask is not None, center, sync)
 
 
 def _affine(y, scale, bias):
@@ -461,11 +556,6 @@ def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
     dm = Moments(zero, jnp.zeros_like(m.shift), means[1] if spec.center else jnp.zeros_like(m.delta),
                  2 * spread * jnp.sqrt(m.var + spec.epsilon))
     return dy.astype(x.dtype), dm
-
-
-def group_max(value, sync: Sync | None):
-    """``value``'s maximum over the shards of this shard's group."""
-    return _group_reduce(value, sync, jax.lax.pmax, jnp.max)
 
 
 def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None = None):
