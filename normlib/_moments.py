@@ -508,6 +508,25 @@ def _standardize_jvp(spec, primals, tangents):
     return (y, m), (dy, dm)
 
 
+def _varying_like(value, like):
+    """``value``, cast to vary over the ``shard_map`` axes that ``like`` varies over.
+
+    A replicated value that meets per-shard data is cast to per-shard where
+    they meet, and the transpose of each cast is a ``psum``: cast once, on
+    the whole stack of tangent means, the reverse pass sums them in one
+    collective instead of one per use. Outside ``shard_map`` nothing varies
+    this way and ``value`` is returned as it is.
+    """
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(value), key=str))
+    return jax.lax.pcast(value, missing, to='varying') if missing else value
+
+
+def _varying_axes(v) -> frozenset:
+    aval = jax.typeof(v)
+    manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10; .vma before
+    return frozenset(manual.varying if manual is not None else getattr(aval, 'vma', ()))
+
+
 def _tangent_sums(spec, x, mask, used, inv, s, dx):
     """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries."""
     dxf = dx.astype(compute_dtype(x.dtype))
@@ -544,17 +563,17 @@ def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
         # Masked padding may hold NaN or inf: with no cotangent there, it must
         # not reach the sums of the reverse pass.
         xhat = jnp.where(mask | jnp.isfinite(xhat), xhat, 0)
-    spread = means[0].real
+    local = _varying_like(means, x)  # what meets x: per shard, cast once
     inv = inv if s is None else inv * s  # per unit of x
     factor = inv if scale is None else inv * scale
-    slope = -factor * spread if dscale is None else dscale - factor * spread
+    slope = -factor * local[0].real if dscale is None else dscale - factor * local[0].real
     dy = factor * dx.astype(compute_dtype(x.dtype)) + xhat * slope
     if spec.center or dbias is not None:
         offset = 0 if dbias is None else dbias
-        dy = dy + (offset - factor * means[1] if spec.center else offset)
+        dy = dy + (offset - factor * local[1] if spec.center else offset)
     zero = jnp.zeros_like(m.count)
     dm = Moments(zero, jnp.zeros_like(m.shift), means[1] if spec.center else jnp.zeros_like(m.delta),
-                 2 * spread * jnp.sqrt(m.var + spec.epsilon))
+                 2 * means[0].real * jnp.sqrt(m.var + spec.epsilon))
     return dy.astype(x.dtype), dm
 
 
