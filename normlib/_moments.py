@@ -389,6 +389,9 @@ def standardize_with(x, m: Moments, *, epsilon):
     Normalizes with given moments, the mean kept as ``shift + delta`` so the
     difference is exact for offset data. Plain autodiff (no custom rule).
     """
+    if not jnp.iscomplexobj(m.delta):  # under shard_map, one psum of both cotangents
+        delta, var = _varying_like(jnp.stack([m.delta, m.var]), x)
+        m = m._replace(delta=delta, var=var)
     return _standard(x, m, jax.lax.rsqrt(m.var + epsilon), None, True)
 
 

@@ -6,6 +6,7 @@ NumPy (so the single-device path is not its own judge).
 """
 
 import functools
+import json
 import os
 import pathlib
 import socket
@@ -33,8 +34,8 @@ def _data(seed=0, n=N, c=C):
     return x, w, scale, bias
 
 
-def _mesh(shape, names):
-    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+def _mesh(shape, names, kind=AxisType.Auto):
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
 
 
 def _bn(x, scale, bias, axis_name):
@@ -360,72 +361,210 @@ def test_forward_mode_equals_single_device(mode, reference):
     _close(dy, dy_ref, 2e-4)
 
 
-@functools.lru_cache(maxsize=None)
-def _four_device_moments(mapping, features):
-    """``f(x, mask) -> (mean, var)``: batch_norm's moments of the global batch, on 4 devices.
+SHARDS = {'shard_map': 4, 'pmap': 4, 'sharded_jit': 4, 'vmap': 64, 'pmap_of_vmap': 64}
 
-    Built (and compiled) once per mapping, then called on every case.
-    """
+
+@functools.lru_cache(maxsize=None)
+def _sharded_moments(mapping, features):
+    """``f(x, mask) -> state``: batch_norm's moments of the global batch, taken
+    over ``SHARDS[mapping]`` shards. Built (and compiled) once per mapping,
+    then called on every case."""
     devices = jax.devices()[:4]
+    shards = SHARDS[mapping]
 
     def bn(x, mask, axis_name):
         return normlib.batch_norm(x, normlib.init_batch_norm(features), training=True,
                                   momentum=0.0, mask=mask, axis_name=axis_name)[1]
 
+    def split(a, *lead):
+        return a.reshape(lead + (-1,) + a.shape[1:])
+
+    if mapping == 'vmap':  # 64 shards in one program
+        mapped = jax.jit(jax.vmap(functools.partial(bn, axis_name='s'), axis_name='s'))
+        return lambda x, mask: jax.tree.map(lambda a: a[0], mapped(split(x, 64), split(mask, 64)))
+    if mapping == 'pmap_of_vmap':  # 8 devices of 8 shards each: 64, across devices
+        inner = jax.vmap(functools.partial(bn, axis_name=('i', 's')), axis_name='s')
+        mapped = jax.pmap(inner, axis_name='i')
+        return lambda x, mask: jax.tree.map(lambda a: a[0, 0],
+                                            mapped(split(x, 8, 8), split(mask, 8, 8)))
     if mapping == 'pmap':
         mapped = jax.pmap(functools.partial(bn, axis_name='i'), axis_name='i', devices=devices)
-
-        def run(x, mask):
-            state = mapped(x.reshape((4, -1) + x.shape[1:]), mask.reshape((4, -1) + mask.shape[1:]))
-            return jax.tree.map(lambda a: a[0], state)
-    else:
-        mesh = jax.make_mesh((4,), ('d',), axis_types=(AxisType.Auto,), devices=devices)
-        if mapping == 'shard_map':
-            run = jax.jit(jax.shard_map(functools.partial(bn, axis_name='d'), mesh=mesh,
-                                        in_specs=(P('d'), P('d')), out_specs=P()))
-        else:
-            sharded = NamedSharding(mesh, P('d'))
-            compiled = jax.jit(functools.partial(bn, axis_name=None))
-
-            def run(x, mask):
-                return compiled(jax.device_put(x, sharded), jax.device_put(mask, sharded))
-    return run
+        return lambda x, mask: jax.tree.map(lambda a: a[0], mapped(split(x, 4), split(mask, 4)))
+    mesh = jax.make_mesh((4,), ('d',), axis_types=(AxisType.Auto,), devices=devices)
+    if mapping == 'shard_map':
+        return jax.jit(jax.shard_map(functools.partial(bn, axis_name='d'), mesh=mesh,
+                                     in_specs=(P('d'), P('d')), out_specs=P()))
+    sharded = NamedSharding(mesh, P('d'))
+    compiled = jax.jit(functools.partial(bn, axis_name=None))
+    return lambda x, mask: compiled(jax.device_put(x, sharded), jax.device_put(mask, sharded))
 
 
-def _four_devices(mapping, x, mask):
-    """batch_norm's (mean, var) of the global batch, taken on 4 devices."""
-    state = _four_device_moments(mapping, x.shape[-1])(x, mask)
-    return np.asarray(state.mean, np.float64), np.asarray(state.var, np.float64)
+def _layouts(rng, z, shards):
+    """The same values laid out over the shards as a sampler would (iid) and
+    adversarially: sorted batches (each shard a slice of the range) and each
+    shard's data offset by its own amount."""
+    yield 'iid', z
+    yield 'sorted', np.sort(z, axis=0)
+    offsets = np.repeat(rng.standard_normal(shards) * 30, len(z) // shards)[:, None]
+    yield 'shard offsets', z + offsets
 
 
-@pytest.mark.parametrize('mapping', ['shard_map', 'pmap', 'sharded_jit'])
+@pytest.mark.parametrize('mapping', sorted(SHARDS))
 def test_sharded_moments_as_exact_as_two_pass(mapping):
     from flax.linen import normalization as flax_normalization
     flax_two_pass = jax.jit(lambda v: flax_normalization._compute_stats(
         v, (0,), jnp.float32, use_fast_variance=False))
+    shards = SHARDS[mapping]
+    run = _sharded_moments(mapping, 8)
     rng = np.random.default_rng(10)
+    per_shard = 256 // shards
+    # Uneven padding, empty shards among them: valid examples per shard.
+    counts = rng.integers(0, per_shard + 1, shards)
+    counts[:3] = per_shard, 0, per_shard // 4 + 1
+    uneven = (np.arange(per_shard)[None] < counts[:, None]).reshape(-1, 1)
     report = []
     for masked in (False, True):
         for offset in (0.0, 1.0, 1e2, 1e4, 1e6):
             for first in (0.0, 3.0, 10.1, 30.0):
                 z = rng.standard_normal((256, 8))
                 z[0] = first * np.where(rng.random(8) < 0.5, -1, 1)
-                x = (z + offset).astype(np.float32)
-                mask = np.ones((256, 1), bool)
-                if masked:  # uneven padding: 64, 10, 0 and 37 valid examples per device
-                    mask = (np.arange(64)[None] < np.array([[64], [10], [0], [37]])).reshape(-1, 1)
-                mean, var = _four_devices(mapping, x, np.broadcast_to(mask, x.shape))
-                valid = x[mask[:, 0]].astype(np.float64)
-                ref_mean, ref_var = valid.mean(0), valid.var(0)
-                flax_mean, flax_var = (np.asarray(v, np.float64) for v in
-                                       flax_two_pass(jnp.asarray(x[mask[:, 0]])))
-                spread = np.maximum(np.abs(ref_mean), np.sqrt(ref_var))
-                for what, ours, flax in (
-                        ('mean', np.abs(mean - ref_mean) / spread,
-                         np.abs(flax_mean - ref_mean) / spread),
-                        ('var', np.abs(var - ref_var) / ref_var,
-                         np.abs(flax_var - ref_var) / ref_var)):
-                    if ours.max() > max(1e-6, 2 * flax.max()):
-                        report.append(f'masked={masked} offset {offset:g} first {first}: {what}'
-                                      f' {ours.max():.2e} (flax two-pass {flax.max():.2e})')
+                for layout, values in _layouts(rng, z, shards):
+                    x = (values + offset).astype(np.float32)
+                    mask = uneven if masked else np.ones((256, 1), bool)
+                    state = run(x, np.broadcast_to(mask, x.shape))
+                    mean, var = (np.asarray(v, np.float64) for v in (state.mean, state.var))
+                    valid = x[mask[:, 0]].astype(np.float64)
+                    ref_mean, ref_var = valid.mean(0), valid.var(0)
+                    flax_mean, flax_var = (np.asarray(v, np.float64) for v in
+                                           flax_two_pass(jnp.asarray(x[mask[:, 0]])))
+                    spread = np.maximum(np.abs(ref_mean), np.sqrt(ref_var))
+                    for what, ours, flax in (
+                            ('mean', np.abs(mean - ref_mean) / spread,
+                             np.abs(flax_mean - ref_mean) / spread),
+                            ('var', np.abs(var - ref_var) / ref_var,
+                             np.abs(flax_var - ref_var) / ref_var)):
+                        if ours.max() > max(1e-6, 2 * flax.max()):
+                            report.append(f'{layout} masked={masked} offset {offset:g} first'
+                                          f' {first}: {what} {ours.max():.2e} (flax two-pass'
+                                          f' {flax.max():.2e})')
     assert not report, '\n'.join(report)
+
+
+@pytest.mark.parametrize('mapping', ['pmap_of_vmap', 'shard_map'])
+def test_all_shards_empty_gives_count_zero_and_keeps_the_state(mapping):
+    run = _sharded_moments(mapping, 8)
+    x = np.random.default_rng(13).standard_normal((256, 8)).astype(np.float32) + 1e6
+    state = run(x, np.zeros(x.shape, bool))
+    assert int(state.count) == 0
+    np.testing.assert_array_equal(state.mean, 0.0)
+    np.testing.assert_array_equal(state.var, 1.0)
+
+MESHES = {  # jax.make_mesh's default axis types are Explicit
+    'explicit_1d': lambda: jax.make_mesh((8,), ('data',)),
+    'explicit_2d': lambda: jax.make_mesh((4, 2), ('data', 'model')),
+    'auto_1d': lambda: _mesh((8,), ('data',)),
+    'auto_2d': lambda: _mesh((4, 2), ('data', 'model')),
+}
+
+
+def _calls():
+    """``{name: f(x, mask, scale, bias) -> outputs}``: every batch-norm call a
+    data-parallel model makes, with no axis_name."""
+    state = normlib.init_batch_norm(C)
+    kw = dict(training=True, momentum=0.9)
+
+    def grad(x, mask, scale, bias):
+        loss = lambda x, s, b: jnp.sum(jnp.sin(normlib.batch_norm(x, state, s, b, **kw)[0]))
+        return jax.grad(loss, (0, 1, 2))(x, scale, bias)
+
+    return {
+        'batch_norm': lambda x, m, s, b: normlib.batch_norm(x, state, s, b, **kw),
+        'masked': lambda x, m, s, b: normlib.batch_norm(x, state, s, b, mask=m, **kw),
+        'lp': lambda x, m, s, b: normlib.lp_batch_norm(x, state, s, b, p=3.0, mask=m, **kw),
+        'l1': lambda x, m, s, b: normlib.l1_batch_norm(x, state, s, b, **kw),
+        'renorm': lambda x, m, s, b: normlib.batch_renorm(x, state, s, b, r_max=1.5, d_max=0.5,
+                                                          **kw),
+        'grad': grad,
+    }
+
+
+@pytest.mark.parametrize('mesh_kind', sorted(MESHES))
+def test_sharded_jit_on_explicit_and_auto_meshes_equals_one_device(mesh_kind):
+    x, _, scale, bias = _data(11)
+    mask = np.random.default_rng(12).random((N, 1)) < 0.6
+    mesh = MESHES[mesh_kind]()
+    batch = P(mesh.axis_names)  # the batch over every mesh axis
+    calls = _calls()
+    expected = {name: jax.jit(f)(x, mask, scale, bias) for name, f in calls.items()}
+    with jax.set_mesh(mesh):
+        xs, ms = (jax.device_put(a, NamedSharding(mesh, batch)) for a in (x, mask))
+        for name, f in calls.items():
+            got = jax.jit(f)(xs, ms, scale, bias)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected[name])):
+                _close(a, b, 2e-5)
+        # Precise statistics and NNX's BatchNorm, as a model would call them there.
+        second = jax.device_put(x[:16] * 2, NamedSharding(mesh, batch))
+        precise = normlib.precise_batch_stats(lambda v: v, [xs, second], progress=False)
+        from flax import nnx
+        from normlib import nnx as normlib_nnx
+        layer = normlib_nnx.BatchNorm(C, use_running_average=False, momentum=0.9,
+                                      rngs=nnx.Rngs(0))
+        y_nnx = nnx.jit(lambda m, v: m(v))(layer, xs)
+        nnx_mean = layer.mean.get_value()
+    whole = np.concatenate([x, x[:16] * 2]).astype(np.float64)
+    _close(precise.mean, whole.mean(0), 1e-6)
+    _close(precise.var, whole.var(0), 2e-5)
+    y_plain, state_plain = normlib.batch_norm(x, normlib.init_batch_norm(C), training=True,
+                                              momentum=0.9)  # NNX's scale 1 and bias 0
+    _close(y_nnx, y_plain, 2e-5)
+    _close(nnx_mean, state_plain.mean, 2e-6)
+
+
+# Collectives per call: (forward, backward) counts at most. The Lp variants'
+# spread is about the global mean, so it takes a third forward round (and
+# its derivative a second backward one); ghost batch norm's chunks are
+# per device, and only their running statistics are averaged, in one round.
+ROUNDS = {'batch_norm': (2, 1), 'batch_norm masked': (2, 1), 'batch_renorm': (2, 1),
+          'ghost batch norm': (1, 0), 'l1_batch_norm': (3, 2), 'lp_batch_norm p=3': (3, 2),
+          'lp_batch_norm p=inf': (3, None), 'layer_norm (sharded features)': (2, 1),
+          'rms_norm (sharded features)': (1, 1)}
+
+
+@pytest.mark.long
+def test_bytes_sent_do_not_grow_with_the_device_count():
+    # Read from the lowered programs at 8, 64, 256 and 1024 simulated devices.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['PYTHONPATH'] = os.pathsep.join([str(root), env.get('PYTHONPATH', '')])
+    counts = (8, 64, 256, 1024)
+    procs = [subprocess.Popen([sys.executable, '-m', 'benchmarks._payload', str(n)], cwd=root,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in counts]
+    runs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        runs.append(json.loads(out))
+    features = runs[0]['features']
+    bound = 5 * features * 4 + 64  # float32 statistics and a few scalars
+    for mapping, cases in runs[0]['cases'].items():
+        if mapping.startswith('sharded jit'):
+            continue
+        for name, first in cases.items():
+            if name.startswith('flax') or isinstance(first['forward'], str):
+                continue
+            for run in runs[1:]:
+                other = run['cases'][mapping][name]
+                if 'groups' in mapping and not mapping.startswith('pmap'):
+                    # One slot per group of 8: proportional to the groups, not their size.
+                    groups = run['devices'] // 8
+                    assert other['forward'][1] == groups * first['forward'][1], (mapping, name)
+                else:
+                    assert other == first, (mapping, name, run['devices'])
+            (fwd_n, fwd_bytes), both = first['forward'], first['forward+backward']
+            assert fwd_bytes <= bound, (mapping, name, fwd_bytes)
+            rounds = ROUNDS[name]
+            assert fwd_n <= rounds[0], (mapping, name, fwd_n)
+            if both is not None and rounds[1] is not None:
+                assert both[1] - fwd_bytes <= bound, (mapping, name, both)
+                assert both[0] - fwd_n <= rounds[1], (mapping, name, both)
