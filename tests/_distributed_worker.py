@@ -1,7 +1,8 @@
-"""One process of the two-process test: ``python _distributed_worker.py PORT RANK OUT``.
+"""One process of the multi-process test: ``python _distributed_worker.py PORT RANK PROCESSES OUT``.
 
-Each process holds half of a global batch on its 2 CPU devices; batch
-statistics are synced over all 4 devices with gloo, and one SGD step is taken.
+Each of ``PROCESSES`` processes holds its share of a global batch on its 2
+CPU devices; batch statistics are synced over all devices with gloo, and one
+SGD step is taken.
 The test compares what each process saved with a single-process run of
 :func:`train_step` on the whole batch.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 import normlib
 
-PROCESSES, LOCAL_DEVICES = 2, 2
+LOCAL_DEVICES = 2
 
 
 def global_problem():
@@ -37,17 +38,17 @@ def train_step(x, scale, bias, w, axis_name, lr=0.1):
     return state, scale - lr * grads[0], bias - lr * grads[1]
 
 
-def main(port, rank, out):
+def main(port, rank, processes, out):
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', LOCAL_DEVICES)
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=PROCESSES, process_id=rank,
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=processes, process_id=rank,
                                initialization_timeout=60)
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    mesh = jax.make_mesh((PROCESSES * LOCAL_DEVICES,), ('batch',), axis_types=(AxisType.Auto,))
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((processes * LOCAL_DEVICES,), ('batch',))  # Explicit axes
     x, scale, bias, w = global_problem()
-    half = len(x) // PROCESSES
-    local = slice(rank * half, (rank + 1) * half)
+    share = len(x) // processes
+    local = slice(rank * share, (rank + 1) * share)
     sharding = NamedSharding(mesh, P('batch'))
     xg, wg = (jax.make_array_from_process_local_data(sharding, a[local]) for a in (x, w))
     step = jax.jit(jax.shard_map(functools.partial(train_step, axis_name='batch'), mesh=mesh,
@@ -60,4 +61,4 @@ def main(port, rank, out):
 
 
 if __name__ == '__main__':
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -288,18 +288,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize('processes', [2, 4])
+def test_processes_match_one(tmp_path, processes):
     worker = pathlib.Path(__file__).with_name('_distributed_worker.py')
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     env['PYTHONPATH'] = os.pathsep.join([str(worker.parents[1]), env.get('PYTHONPATH', '')])
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(rank), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(rank), str(processes),
+                               str(tmp_path)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
+             for rank in range(processes)]
     try:
-        outputs = [p.communicate(timeout=150)[0] for p in procs]
+        outputs = [p.communicate(timeout=200)[0] for p in procs]
     except subprocess.TimeoutExpired:
-        pytest.fail('the two-process run did not finish within 150 s')
+        pytest.fail(f'the {processes}-process run did not finish within 200 s')
     finally:
         for p in procs:
             if p.poll() is None:
@@ -315,7 +317,7 @@ def test_two_processes_match_one(tmp_path):
         sys.path.pop(0)
     x, scale, bias, w = spec.global_problem()
     state, new_scale, new_bias = spec.train_step(x, scale, bias, w, axis_name=None)
-    for rank in range(2):
+    for rank in range(processes):
         got = np.load(tmp_path / f'rank{rank}.npz')
         _close(got['mean'], state.mean, 2e-5)
         _close(got['var'], state.var, 2e-5)
