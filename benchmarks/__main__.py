@@ -130,7 +130,9 @@ def main(argv=None) -> int:
     (args.out / 'results.json').write_text(json.dumps(results, indent=1))
     gpu = json.loads(args.gpu.read_text()) if args.gpu and args.gpu.exists() else None
     notes = NOTES.read_text() if NOTES.exists() and not results['smoke'] else ''
-    (args.out / 'RESULTS.md').write_text(_report.markdown(results, gpu, notes))
+    scale_json = args.out / 'scale.json'  # from python -m benchmarks.scale
+    scale = json.loads(scale_json.read_text()) if scale_json.exists() else None
+    (args.out / 'RESULTS.md').write_text(_report.markdown(results, gpu, notes, scale))
     _report.chart(results, str(args.out / 'results.png'))
     for name, value, bound, met in _report.targets(results):
         shown = '-' if value is None else f'{value:.3g}'

@@ -131,7 +131,60 @@ def _gpu_section(gpu: dict | None) -> list[str]:
     return lines
 
 
-def markdown(results: dict, gpu: dict | None = None, notes: str = '') -> str:
+def _scale_section(scale: dict | None) -> list[str]:
+    """Bytes per synced call against the device count, and the synced step."""
+    if not scale:
+        return ['No scale run recorded: `python -m benchmarks.scale`.']
+    from benchmarks.scale import formulas
+    runs = scale['payload']
+    devices = [r['devices'] for r in runs]
+    features = runs[0]['features']
+    out = []
+    if scale.get('smoke'):
+        out += ['**Smoke run: these numbers are not measurements.**', '']
+    out += [f'Bytes each device puts into the collectives of one call over {features}'
+            ' float32 channels (or rows, for layer and RMS norm over sharded features),'
+            ' read from the lowered programs at each simulated device count'
+            ' (`python -m benchmarks.scale`); in brackets, the number of collectives.'
+            ' torch SyncBatchNorm and normlib 0.2 are by formula (forward).', '']
+    head = '| mapping | normlib / anchor | pass | ' + ' | '.join(f'{d} devices' for d in devices)
+    out += [head + ' |', '|---|---|---|' + '---|' * len(devices)]
+
+    def cell(entry, pass_):
+        value = entry[pass_]
+        if value is None or isinstance(value, str):
+            return value or '-'
+        if pass_ == 'forward+backward':
+            forward = entry['forward']
+            return f'{value[1] - forward[1]:,} [{value[0] - forward[0]}]'
+        return f'{value[1]:,} [{value[0]}]'
+
+    for mapping in runs[0]['cases']:
+        for name in runs[0]['cases'][mapping]:
+            for pass_, label in (('forward', 'forward'), ('forward+backward', 'backward')):
+                cells = [cell(r['cases'][mapping][name], pass_) for r in runs]
+                out.append(f'| {mapping} | {name} | {label} | ' + ' | '.join(cells) + ' |')
+    for name in formulas(8, features):
+        out.append(f'| (formula) | {name} | forward | '
+                   + ' | '.join(f'{formulas(d, features)[name]:,}' for d in devices) + ' |')
+    step = scale['step']
+    ms = step['ms']
+    out += ['', f'A synced training step (forward and backward of one BatchNorm on'
+            f' {"x".join(map(str, step["shape_per_device"]))} per device, gradients psum-ed) on'
+            f' {step["devices"]} simulated CPU devices under `shard_map`, median of'
+            f' {step["rounds"]} interleaved rounds in one process; "per device": the same step'
+            ' with no `axis_name` (each device its own statistics), so the difference is what'
+            ' synchronizing costs.', '',
+            '| BatchNorm | synced (ms) | per device (ms) | synced vs flax |', '|---|---|---|---|']
+    for lib in ('normlib', 'flax', 'flax two-pass'):
+        out.append(f'| {lib} | {ms[lib]:.2f} | {ms[lib + ", per device"]:.2f} |'
+                   f' {ms[lib] / ms["flax"]:.2f}x |')
+    out += ['', '![Bytes per device per synced call](scale.png)']
+    return out
+
+
+def markdown(results: dict, gpu: dict | None = None, notes: str = '',
+             scale: dict | None = None) -> str:
     m, v = results['machine'], results['versions']
     out = ['# normlib benchmarks', '']
     if results.get('smoke'):
@@ -195,6 +248,7 @@ def markdown(results: dict, gpu: dict | None = None, notes: str = '') -> str:
                 '|---|' + '---|' * len(ratios)]
         for lib, errors in stability.items():
             out.append(f'| {lib} | ' + ' | '.join(f'{errors[r]:.2g}' for r in ratios) + ' |')
+    out += ['', '## At scale: what a synced call sends', ''] + _scale_section(scale)
     out += ['', '## GPU', ''] + _gpu_section(gpu)
     out += ['', '![normlib vs the anchors, time over the bandwidth floor](results.png)', '']
     return '\n'.join(out)

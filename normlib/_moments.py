@@ -5,7 +5,8 @@ the batch-norm variants) goes through this module:
 
 1. :func:`moments` takes the count, mean and biased variance of the valid
    entries with the corrected two-pass algorithm around an anchor near the
-   mean, and merges the shards of named axes in one collective;
+   mean, and merges the shards of named axes in two collectives whose size
+   does not depend on the number of shards (:func:`_merge_shards`);
 2. :func:`merge` combines parts with Chan et al.'s formula, so shards and
    batches over time (precise statistics) give the moments of their union;
 3. :func:`standardize` normalizes with the moments. Its custom JVP is linear
@@ -63,6 +64,15 @@ class Moments(NamedTuple):
         return self.shift + self.delta
 
 
+def laid_out_as(value, reference):
+    """``value`` (broadcasting against ``reference``) plus a zero of
+    ``reference``'s layout: on a mesh with Explicit axes, ``jnp.where`` takes
+    no mix of shardings, and replicated running statistics meet
+    feature-sharded batch statistics. The value is unchanged (``-0.0``
+    becomes ``0.0``)."""
+    return value + jnp.zeros_like(reference)
+
+
 def compute_dtype(dtype) -> jnp.dtype:
     """float32 (complex64 for complex input), or the input's dtype if wider.
 
@@ -117,16 +127,7 @@ def _anchor(xf, axes, mask, keep, count):
     if any(xf.shape[a] == 0 for a in axes):  # nothing to anchor: any value will do
         return jnp.zeros(tuple(1 if i in axes else d for i, d in enumerate(xf.shape)), xf.dtype)
     if mask is None and axes and tuple(axes) == tuple(range(len(axes))):
-        sizes = [xf.shape[a] for a in axes]
-        total = int(np.prod(sizes))
-        m = min(total, _SAMPLE)
-        # Evenly spread positions, each jittered within its stride so that a
-        # sample does not line up with a period of the layout (image corners).
-        flat = (np.arange(m) * total) // m + (np.arange(m) * 40503) % max(total // m, 1)
-        positions = iter(np.unravel_index(flat, sizes))
-        index = tuple(next(positions) if i in axes else slice(None) for i in range(xf.ndim))
-        sample = _pick(xf, index, axes, gathered=True)
-        return jnp.mean(sample, axis=0).reshape((1,) * len(axes) + sample.shape[1:])
+        return _per_shard(_sample_mean, xf, axes)
     first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(xf.ndim))
     anchor = _pick(xf, first, axes)
     if mask is not None:
@@ -138,22 +139,65 @@ def _anchor(xf, axes, mask, keep, count):
     return anchor + _sum(keep(xf - anchor), axes) / jnp.maximum(count, 1)
 
 
-def _pick(v, index, axes, gathered=False):
-    """``v[index]``, a static pick along the reduced ``axes``: slices, or
-    (``gathered``) arrays of positions along leading axes, stacked in front.
+def _sample_mean(xf, axes):
+    """The mean of up to ``_SAMPLE`` entries at fixed positions spread over the
+    leading ``axes`` (all of them, for small inputs), kept dims."""
+    sizes = [xf.shape[a] for a in axes]
+    total = int(np.prod(sizes))
+    m = min(total, _SAMPLE)
+    # Evenly spread positions, each jittered within its stride so that a
+    # sample does not line up with a period of the layout (image corners).
+    flat = (np.arange(m) * total) // m + (np.arange(m) * 40503) % max(total // m, 1)
+    positions = iter(np.unravel_index(flat, sizes))
+    sample = xf[tuple(next(positions) if i in axes else slice(None) for i in range(xf.ndim))]
+    return jnp.mean(sample, axis=0).reshape((1,) * len(axes) + sample.shape[1:])
 
-    Under a mesh with Explicit axes (``jax.make_mesh``'s default), a pick
-    along a sharded axis has no sharding JAX can infer. There it runs with
-    the mesh's axes Auto, and its result is replicated along what was picked
-    and sharded as ``v`` elsewhere.
-    """
+
+def _explicit(v, axes):
+    """``(mesh, spec, names)`` when ``v`` is laid out on a mesh with Explicit
+    axes (``jax.make_mesh``'s default), ``names`` the mesh axes that shard the
+    reduced ``axes``; else None. On such a mesh a pick along a sharded axis
+    has no sharding JAX can infer."""
     sharding = jax.typeof(v).sharding
     if not getattr(sharding.mesh, 'explicit_axes', ()):
-        return v[index]
+        return None
     spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
-    kept = [None if i in axes else s for i, s in enumerate(spec)]
-    out = [None] + kept[len(axes):] if gathered else kept
-    return jax.sharding.auto_axes(lambda v: v[index], out_sharding=jax.P(*out))(v)
+    return sharding.mesh, spec, _names([spec[a] for a in axes])
+
+
+def _names(spec) -> tuple:
+    """The mesh axis names in the entries of a PartitionSpec."""
+    return tuple(n for entry in spec
+                 for n in ((entry,) if isinstance(entry, str) else entry or ()))
+
+
+def _per_shard(anchor, v, axes):
+    """``anchor(v, axes)``; on an Explicit mesh that shards ``axes``, each
+    shard's anchor of its own entries, averaged over the shards (equal
+    shares): one collective of the kept shape, where picking entries across
+    shards would send the whole sample."""
+    explicit = _explicit(v, axes)
+    if explicit is None or not explicit[2]:
+        return anchor(v, axes)
+    mesh, spec, names = explicit
+    kept = jax.P(*[None if i in axes else s for i, s in enumerate(spec)])
+    local = lambda v: jax.lax.pmean(anchor(v, axes), names)
+    return jax.shard_map(local, mesh=mesh, in_specs=jax.P(*spec), out_specs=kept,
+                         axis_names=set(_names(spec)))(v)
+
+
+def _pick(v, index, axes):
+    """``v[index]``, static slices along the reduced ``axes``.
+
+    On an Explicit mesh that shards them, the slice runs with the mesh's axes
+    Auto, and its result is replicated along ``axes`` and sharded as ``v``
+    elsewhere.
+    """
+    explicit = _explicit(v, axes)
+    if explicit is None:
+        return v[index]
+    kept = [None if i in axes else s for i, s in enumerate(explicit[1])]
+    return jax.sharding.auto_axes(lambda v: v[index], out_sharding=jax.P(*kept))(v)
 
 
 def _part_moments(x, axes, mask, center, scale=None) -> Moments:
@@ -182,7 +226,7 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     if not center:
         var = _sum(keep(_abs2(xf) * share), axes)
         zero = jnp.zeros_like(var)
-        return Moments(jnp.broadcast_to(count, var.shape), zero, zero, var)
+        return Moments(count + zero, zero, zero, var)
     anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, count))
     # Each pass converts its own copy of x: a shared float32 copy would be
     # written to memory and read back.
@@ -191,7 +235,8 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     x2, anchor2, scale2 = _schedule.private((x, anchor, scale), 2)
     var = _sum(keep(_abs2(widen(x2, scale2) - anchor2) * share), axes)
     var = jnp.maximum(var - _abs2(delta), 0)
-    return Moments(jnp.broadcast_to(count, var.shape), anchor, delta, var)
+    # count + 0 rather than a broadcast: it takes var's sharding on a mesh.
+    return Moments(count + jnp.zeros_like(var), anchor, delta, var)
 
 
 def merge(parts: Moments) -> Moments:
@@ -328,19 +373,20 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     only: the weighted mean of the mean squares.
     """
     total = entries * sync.shards  # the most valid entries there can be
-    count = local.count if masked else jnp.full_like(local.count, entries)
     value = local.mean if center else local.var
     if masked:
-        count, weighted = _sum_over_shards([count, value * (count / max(total, 1))], sync)
+        count, weighted = _sum_over_shards(
+            [local.count, value * (local.count / max(total, 1))], sync)
         # A quotient, as in _anchor: every pass computes the same shift.
         merged = weighted / (jnp.maximum(count, 1) / max(total, 1))
-    else:
-        count = jnp.full_like(local.count, total)
+        weights = local.count / jnp.maximum(count, 1)
+    else:  # the same on every shard
+        count = jnp.full(local.count.shape, total, local.count.dtype)
         merged, = _sum_over_shards([value / sync.shards], sync)
-    weights = local.count / jnp.maximum(count, 1) if masked else jnp.full_like(
-        local.count, 1 / sync.shards if total else 0)
+        weights = jnp.full(local.count.shape, 1 / sync.shards if total else 0,
+                           local.count.dtype)
     if not center:
-        zero = jnp.zeros_like(local.var)
+        zero = jnp.zeros_like(merged)
         return Moments(count, zero, zero, jnp.where(count > 0, merged, 0))
     shift = jax.lax.stop_gradient(merged)
     # An empty shard adds nothing; its offset is zeroed so 0 * inf cannot arise.
@@ -473,7 +519,7 @@ def _statistics(spec, x, mask, fallback):
         empty = m.count == 0
         if fallback is None:
             return m, m, jnp.where(empty, 0, jax.lax.rsqrt(m.var + spec.epsilon)), None
-        mean, var = fallback
+        mean, var = (laid_out_as(v, m.var) for v in fallback)
         used = Moments(m.count, jnp.where(empty, mean, m.shift), jnp.where(empty, 0, m.delta),
                        jnp.where(empty, var, m.var))
         return m, used, jax.lax.rsqrt(used.var + spec.epsilon), None

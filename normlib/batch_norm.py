@@ -125,7 +125,7 @@ def _update(state, count, mean, var, momentum, unbiased, zero_debias=False):
             new = old + (new - old) * ((1.0 - momentum) / (1.0 - momentum ** (steps + 1)))
         else:
             new = momentum * old + (1.0 - momentum) * new
-        return jnp.where(seen, new, old)
+        return jnp.where(seen, new, _moments.laid_out_as(old, new))
 
     new_count = state.count + jnp.any(seen).astype(state.count.dtype)
     return BatchNormState(ema(state.mean, mean), ema(state.var, var), new_count)
@@ -253,9 +253,20 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
 
     Moments are float32 (or wider) for any input dtype, stable for data whose
     mean is far larger than its spread, and exact across devices: with
-    ``axis_name`` every shard's ``(count, mean, var)`` is merged with one
-    collective (Chan et al.), so uneven or empty shards give the moments of
-    the concatenated valid data. No gradient reaches the running statistics.
+    ``axis_name`` the shards' moments are merged with Chan et al.'s formula,
+    so uneven or empty shards give the moments of the concatenated valid
+    data. The forward pass sends two ``psum``\ s whose size does not depend
+    on the number of devices: the count-weighted means (``features``
+    floats, plus the counts with a ``mask``), which give every shard the
+    same shift near the global mean; then each shard's weighted offset from
+    that shift and second moment (``2 * features``), which merge without
+    cancellation at any offset. The backward pass sends one (its two
+    tangent sums, ``2 * features``); ghost batch norm sends one forward
+    round only, for the running statistics. With ``axis_index_groups``,
+    ``pmap``'s grouped collectives keep the same size; ``vmap`` and
+    ``shard_map`` collectives take no groups, so there each message holds
+    one slot per group (it grows with the number of groups, not with the
+    devices in a group). No gradient reaches the running statistics.
 
     Args:
       x: floating-point input.
@@ -269,7 +280,8 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
       epsilon: added to the variance inside the square root; > 0.
       axis_name: a mapped axis name, or a tuple of them, to reduce over too
         (``pmap``, ``vmap``, ``shard_map``).
-      axis_index_groups: ``pmap`` device groups normalized separately.
+      axis_index_groups: device groups normalized separately (sizes as
+        above).
       mask: boolean, broadcastable to ``x``; False entries are left out of the
         moments (their outputs are still normalized).
       unbiased_running_var: keep the running variance unbiased.
@@ -429,8 +441,10 @@ def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
     ``p = 2`` is :func:`batch_norm`. Everything else is batch norm's: the
     running ``var`` tracks :math:`s_B^2` (times ``n / (n - 1)`` if
     ``unbiased_running_var``), so evaluation mode is batch norm's; masks,
-    empty features and ``axis_name`` work the same (two collectives: the
-    moments, then the deviations from the global mean). :math:`\mu_B` is
+    empty features and ``axis_name`` work the same (three forward
+    collectives, each of at most ``2 * features`` floats: batch norm's two
+    for the moments, then one for the deviations, which are taken from the
+    exact global mean and so need it first; two backward). :math:`\mu_B` is
     exact at any offset (:func:`batch_norm`'s moments) and :math:`s_B` is
     computed in units of the standard deviation, so large ``p`` neither
     overflows nor underflows. Gradients, in forward and reverse mode, flow
@@ -481,8 +495,8 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
     mean absolute deviation of a Gaussian). Everything else is
     :func:`batch_norm`'s: the running ``var`` tracks :math:`s_B^2` (times
     ``n / (n - 1)`` if ``unbiased_running_var``), so evaluation mode is
-    batch norm's; masks and ``axis_name`` work the same (two collectives:
-    the mean, then the deviations from it). Gradients flow through
+    batch norm's; masks and ``axis_name`` work the same (three forward
+    collectives, as in :func:`lp_batch_norm`). Gradients flow through
     :math:`\mu_B` and :math:`s_B`.
 
     References:

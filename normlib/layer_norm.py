@@ -67,7 +67,10 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask
         moments.
       axis_name: mapped axis name(s) over which the normalized axes are
         sharded (tensor parallelism); the moments cover the full vector.
-      axis_index_groups: ``pmap`` device groups for ``axis_name``.
+        Forward, two collectives of fixed size (:func:`batch_norm`'s, with
+        one row's moments per feature); backward, one.
+      axis_index_groups: device groups for ``axis_name``, as in
+        :func:`batch_norm`.
 
     References:
       Ba, Kiros & Hinton, `Layer Normalization
@@ -104,7 +107,8 @@ def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None, axis_n
 
     with the mean square over ``axis`` (valid entries of ``mask`` only), in
     float32 or wider; ``y`` has ``x``'s dtype. Arguments as in
-    :func:`layer_norm`.
+    :func:`layer_norm`; with ``axis_name`` the mean squares need one
+    forward collective (the count-weighted mean square) and one backward.
 
     References:
       Zhang & Sennrich, `Root Mean Square Layer Normalization

@@ -55,7 +55,7 @@ def stacked(rows) -> _moments.Moments:
 
 
 def _empty(calls: _moments.Moments) -> Total:
-    zeros = jnp.zeros(calls.var.shape[1:], calls.var.dtype)
+    zeros = jnp.zeros_like(calls.var[0])  # laid out as the calls' rows, on a mesh too
     return Total(_moments.Moments(zeros, zeros, zeros, zeros), jnp.zeros((), jnp.int32))
 
 
@@ -121,8 +121,8 @@ def finish(total: Total, mean, var, unbiased):
     if unbiased:
         new_var = new_var * count / jnp.maximum(count - 1, 1)
     seen = count > 0
-    return (jnp.where(seen, new_mean, mean).astype(mean.dtype),
-            jnp.where(seen, new_var, var).astype(var.dtype))
+    return (jnp.where(seen, new_mean, _moments.laid_out_as(mean, new_mean)).astype(mean.dtype),
+            jnp.where(seen, new_var, _moments.laid_out_as(var, new_var)).astype(var.dtype))
 
 
 def precise_batch_stats(fn: Callable[[Any], Any], batches: Iterable[Any], *, axis=-1,

@@ -461,11 +461,13 @@ def test_all_shards_empty_gives_count_zero_and_keeps_the_state(mapping):
     np.testing.assert_array_equal(state.mean, 0.0)
     np.testing.assert_array_equal(state.var, 1.0)
 
-MESHES = {  # jax.make_mesh's default axis types are Explicit
-    'explicit_1d': lambda: jax.make_mesh((8,), ('data',)),
-    'explicit_2d': lambda: jax.make_mesh((4, 2), ('data', 'model')),
-    'auto_1d': lambda: _mesh((8,), ('data',)),
-    'auto_2d': lambda: _mesh((4, 2), ('data', 'model')),
+MESHES = {  # (mesh, x's layout); jax.make_mesh's default axis types are Explicit
+    'explicit_1d': lambda: (jax.make_mesh((8,), ('data',)), P('data')),
+    'explicit_2d': lambda: (jax.make_mesh((4, 2), ('data', 'model')), P(('data', 'model'))),
+    'explicit_2d_features_sharded': lambda: (jax.make_mesh((4, 2), ('data', 'model')),
+                                             P('data', 'model')),
+    'auto_1d': lambda: (_mesh((8,), ('data',)), P('data')),
+    'auto_2d': lambda: (_mesh((4, 2), ('data', 'model')), P(('data', 'model'))),
 }
 
 
@@ -494,12 +496,12 @@ def _calls():
 def test_sharded_jit_on_explicit_and_auto_meshes_equals_one_device(mesh_kind):
     x, _, scale, bias = _data(11)
     mask = np.random.default_rng(12).random((N, 1)) < 0.6
-    mesh = MESHES[mesh_kind]()
-    batch = P(mesh.axis_names)  # the batch over every mesh axis
+    mesh, batch = MESHES[mesh_kind]()
     calls = _calls()
     expected = {name: jax.jit(f)(x, mask, scale, bias) for name, f in calls.items()}
     with jax.set_mesh(mesh):
-        xs, ms = (jax.device_put(a, NamedSharding(mesh, batch)) for a in (x, mask))
+        xs = jax.device_put(x, NamedSharding(mesh, batch))
+        ms = jax.device_put(mask, NamedSharding(mesh, P(batch[0])))
         for name, f in calls.items():
             got = jax.jit(f)(xs, ms, scale, bias)
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected[name])):
