@@ -1,4 +1,4 @@
-"""What one synchronized normalizer sends across devices: ``python -m benchmarks._payload N``.
+"""What one synchronized normalizer sends across devices: ``python -m benchmarks._payload N [--normlib-only]``.
 
 Run in a process of its own with ``N`` simulated CPU devices (it sets
 ``XLA_FLAGS`` before JAX starts), it builds every synced normalizer in every
@@ -73,7 +73,7 @@ def jaxpr_collectives(jaxpr) -> tuple[int, int]:
     return count, size
 
 
-def _normalizers(names, groups=None):
+def _normalizers(names, groups=None, anchors=True):
     """``{name: f(x) -> (y, state)}``: per-shard programs; ``state`` is what the
     call returns besides ``y`` (new running statistics), or None."""
     import jax.numpy as jnp
@@ -109,10 +109,11 @@ def _normalizers(names, groups=None):
             'lp_batch_norm p=inf': lambda x: normlib.lp_batch_norm(
                 x, state, ones, zeros, p=float('inf'), **kw),
         })
-    cases.update({
-        'flax.linen BatchNorm (default)': flax_bn(True),
-        'flax.linen BatchNorm (two-pass)': flax_bn(False),
-    })
+    if anchors:
+        cases.update({
+            'flax.linen BatchNorm (default)': flax_bn(True),
+            'flax.linen BatchNorm (two-pass)': flax_bn(False),
+        })
     if groups is None:  # features sharded: x is (FEATURES rows, LOCAL columns) per shard
         cases.update({
             'layer_norm (sharded features)': lambda x: (
@@ -133,8 +134,9 @@ def _programs(fn):
     return fn, both
 
 
-def measure(devices: int) -> dict:
-    """Collectives of every case in every mapping at ``devices`` shards."""
+def measure(devices: int, anchors: bool = True) -> dict:
+    """Collectives of every case in every mapping at ``devices`` shards
+    (without Flax's BatchNorm unless ``anchors``)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -146,7 +148,7 @@ def measure(devices: int) -> dict:
         out.setdefault(mapping, {})[name] = {'forward': fwd, 'forward+backward': both}
 
     def trace_all(mapping, names, lower, groups=None):
-        for name, fn in _normalizers(names, groups).items():
+        for name, fn in _normalizers(names, groups, anchors).items():
             fwd, both = _programs(fn)
             try:
                 record(mapping, name, lower(fwd, 1), lower(both, 2))
@@ -213,13 +215,14 @@ def measure(devices: int) -> dict:
 
 
 def main(argv) -> int:
-    devices = int(argv[0])
+    devices, anchors = int(argv[0]), '--normlib-only' not in argv
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                + f' --xla_force_host_platform_device_count={devices}')
     os.environ['JAX_PLATFORMS'] = 'cpu'
     import jax
     assert len(jax.devices()) == devices, jax.devices()
-    print(json.dumps({'devices': devices, 'features': FEATURES, 'cases': measure(devices)}))
+    print(json.dumps({'devices': devices, 'features': FEATURES,
+                      'cases': measure(devices, anchors)}))
     return 0
 
 
