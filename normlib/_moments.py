@@ -189,9 +189,9 @@ def _per_shard(anchor, v, axes):
 def _pick(v, index, axes):
     """``v[index]``, static slices along the reduced ``axes``.
 
-    On an Explicit mesh that shards them, the slice runs with the mesh's axes
-    Auto, and its result is replicated along ``axes`` and sharded as ``v``
-    elsewhere.
+    On a mesh with Explicit axes, where a slice of a sharded axis has no
+    sharding JAX can infer, it runs with the mesh's axes Auto; its result is
+    replicated along ``axes`` and sharded as ``v`` elsewhere.
     """
     explicit = _explicit(v, axes)
     if explicit is None:
