@@ -626,6 +626,27 @@ def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
     return dy.astype(x.dtype), dm
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _largest(magnitude, axes, sync: Sync):
+    """The largest of ``magnitude`` over ``axes`` and the shards of ``sync``, kept dims.
+
+    Its derivative is shared equally by the entries that attain it, on
+    whichever shards they are, as ``jnp.max``'s is on one device (``pmax``
+    has no derivative in JAX). Differentiated, it costs one more collective:
+    the number of entries that attain it.
+    """
+    return group_max(jnp.max(magnitude, axis=axes, keepdims=True), sync)
+
+
+@_largest.defjvp
+def _largest_jvp(axes, sync, primals, tangents):
+    (magnitude,), (dmagnitude,) = primals, tangents
+    top = _largest(magnitude, axes, sync)
+    hit = magnitude == top
+    ties = group_sum(_sum(hit.astype(top.dtype), axes), sync)
+    return top, group_sum(_sum(jnp.where(hit, dmagnitude, 0), axes), sync) / ties
+
+
 def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None = None):
     r"""The Lp spread of ``x`` about its mean over ``axes`` and ``sync``, kept dims.
 
@@ -648,7 +669,8 @@ def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None 
     if mask is not None:
         magnitude = jnp.where(mask, magnitude, 0)
     if np.isinf(p):
-        return group_max(jnp.max(magnitude, axis=axes, keepdims=True), sync)
+        largest = jnp.max(magnitude, axis=axes, keepdims=True)
+        return largest if sync is None else _largest(magnitude, axes, sync)
     if p == 1:
         return group_sum(_sum(magnitude, axes), sync) / jnp.maximum(m.count, 1)
     std = jnp.sqrt(m.var)

@@ -444,7 +444,9 @@ def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
     empty features and ``axis_name`` work the same (three forward
     collectives, each of at most ``2 * features`` floats: batch norm's two
     for the moments, then one for the deviations, which are taken from the
-    exact global mean and so need it first; two backward). :math:`\mu_B` is
+    exact global mean and so need it first; two backward; at ``p = inf``
+    the derivative adds one for the number of entries that attain the
+    largest deviation, which share its gradient). :math:`\mu_B` is
     exact at any offset (:func:`batch_norm`'s moments) and :math:`s_B` is
     computed in units of the standard deviation, so large ``p`` neither
     overflows nor underflows. Gradients, in forward and reverse mode, flow

@@ -105,6 +105,18 @@ def test_sharded_equals_global_batch(p):
     y4, new4 = jax.jit(sharded)(x, mask)
     np.testing.assert_allclose(y4.reshape(64, 3), y1, atol=2e-6)
     np.testing.assert_allclose(new4.mean, new1.mean, rtol=1e-6)
+    # Gradients across devices too (at p = inf, through the largest deviation).
+    w = jnp.asarray(RNG.standard_normal((4, 16, 3)), jnp.float32)
+    loss = lambda y: jnp.sum(w.reshape(y.shape) * y)
+    g1 = jax.grad(lambda v: loss(nl.lp_batch_norm(v, state, p=p, training=True,
+                                                  mask=mask.reshape(64, 3))[0]))(x.reshape(64, 3))
+    gv = jax.jit(jax.grad(lambda v: loss(jax.vmap(run, axis_name='i', out_axes=(0, None))(
+        v, mask)[0])))(x)
+    g4 = jax.jit(jax.grad(lambda v: loss(sharded(v, mask)[0])))(x)
+    gp = jax.pmap(jax.grad(lambda v, m, w: jnp.sum(w * run(v, m)[0])), axis_name='i',
+                  devices=jax.devices()[:4])(x, mask, w)
+    for g in (gv, g4, gp):
+        np.testing.assert_allclose(g.reshape(64, 3), g1, atol=2e-5)
 
 
 def test_large_p_neither_overflows_nor_underflows():
