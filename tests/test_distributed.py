@@ -497,7 +497,8 @@ def test_sharded_jit_on_explicit_and_auto_meshes_equals_one_device(mesh_kind):
     mask = np.random.default_rng(12).random((N, 1)) < 0.6
     mesh, batch = MESHES[mesh_kind]()
     calls = _calls()
-    if mesh_kind.startswith('auto'):  # worked before Explicit meshes did: the core calls
+    full = mesh_kind in ('explicit_1d', 'explicit_2d_features_sharded')
+    if not full:  # the core calls; every call on one 1-D and one 2-D layout
         calls = {name: calls[name] for name in ('batch_norm', 'masked', 'grad')}
     expected = {name: jax.jit(f)(x, mask, scale, bias) for name, f in calls.items()}
     with jax.set_mesh(mesh):
@@ -507,6 +508,8 @@ def test_sharded_jit_on_explicit_and_auto_meshes_equals_one_device(mesh_kind):
             got = jax.jit(f)(xs, ms, scale, bias)
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected[name])):
                 _close(a, b, 2e-5)
+        if not full:
+            return
         # Precise statistics and NNX's BatchNorm, as a model would call them there.
         second = jax.device_put(x[:16] * 2, NamedSharding(mesh, batch))
         precise = normlib.precise_batch_stats(lambda v: v, [xs, second], progress=False)
@@ -539,11 +542,12 @@ ROUNDS = {'batch_norm': (2, 1), 'batch_norm masked': (2, 1), 'batch_renorm': (2,
 
 @pytest.mark.long
 def test_bytes_sent_do_not_grow_with_the_device_count():
-    # Read from the lowered programs at 8, 64, 256 and 1024 simulated devices.
+    # Read from the lowered programs at 8 and 1024 simulated devices (python -m
+    # benchmarks.scale records 8, 64, 256 and 1024, with Flax's BatchNorm).
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     env['PYTHONPATH'] = os.pathsep.join([str(root), env.get('PYTHONPATH', '')])
-    counts = (8, 64, 256, 1024)  # python -m benchmarks.scale records the same, with Flax
+    counts = (8, 1024)
     procs = [subprocess.Popen([sys.executable, '-m', 'benchmarks._payload', str(n),
                                '--normlib-only'], cwd=root,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
