@@ -414,11 +414,26 @@ def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
     return _merge_shards(local, entries, mask is not None, center, sync)
 
 
+def widened(param, dtype):
+    """A scale or bias in the compute ``dtype`` where that loses nothing
+    (a bfloat16 parameter of float32 statistics), the value implicit
+    promotion would give, so the arithmetic also runs under
+    ``jax.numpy_dtype_promotion('strict')``; otherwise (None, or a wider
+    parameter) unchanged."""
+    if param is None or param.dtype == dtype:
+        return param
+    complex_to_real = (jnp.issubdtype(param.dtype, jnp.complexfloating)
+                       and not jnp.issubdtype(dtype, jnp.complexfloating))
+    if complex_to_real or jnp.finfo(param.dtype).bits > jnp.finfo(dtype).bits:
+        return param
+    return param.astype(dtype)
+
+
 def _affine(y, scale, bias):
     if scale is not None:
-        y = y * scale
+        y = y * widened(scale, y.dtype)
     if bias is not None:
-        y = y + bias
+        y = y + widened(bias, y.dtype)
     return y
 
 
@@ -477,8 +492,9 @@ def standardize(x, scale=None, bias=None, *, axes, epsilon, center=True, mask=No
     """
     if fallback is not None:
         fallback = tuple(jax.lax.stop_gradient(v) for v in fallback)
-    return _standardize(_Spec(tuple(axes), float(epsilon), center, sync), x, scale, bias, mask,
-                        fallback)
+    dtype = compute_dtype(x.dtype)
+    return _standardize(_Spec(tuple(axes), float(epsilon), center, sync), x,
+                        widened(scale, dtype), widened(bias, dtype), mask, fallback)
 
 
 # Rows are scaled by a power of two so that their largest magnitude stays
@@ -552,7 +568,7 @@ def _standardize_jvp(spec, primals, tangents):
     # collective stays outside: checkpoints lose vmap's named axes.
     remat = lambda f: jax.checkpoint(functools.partial(f, spec), prevent_cse=False)
     sums = group_sum(remat(_tangent_sums)(x, mask, used, inv, s, dx), spec.sync)
-    means = sums / jnp.maximum(m.count, 1)
+    means = sums / jnp.maximum(m.count, 1)[None]
     dy, dm = remat(_tangent)(x, scale, mask, m, used, inv, s, means, dx, dscale, dbias)
     return (y, m), (dy, dm)
 

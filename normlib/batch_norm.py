@@ -416,8 +416,8 @@ def _masked_affine(call, standard, v):
     """
     def affine(v):
         v = standard(v)
-        v = v if call.scale is None else v * call.scale
-        return v if call.bias is None else v + call.bias
+        v = v if call.scale is None else v * _moments.widened(call.scale, v.dtype)
+        return v if call.bias is None else v + _moments.widened(call.bias, v.dtype)
     if call.mask is None:
         return affine(v)
     ok = call.mask | jnp.isfinite(v)

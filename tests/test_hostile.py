@@ -409,3 +409,48 @@ def test_instance_norm_batch_axis_message_matches_flax():
         with pytest.raises(ValueError, match='The channel axes cannot include the leading'
                                              ' dimension as this is assumed to be the batch axis'):
             module.init(jax.random.key(1), jnp.ones((2, 3, 4, 5)))
+
+
+def _strict_cases():
+    """Every public normalizer as ``f(x, scale, bias, axis_name)``: x is (8, 6)."""
+    state = nl.init_batch_norm(6)
+    bn = dict(training=True, momentum=0.9)
+    return {
+        'batch_norm': lambda x, s, b, n: nl.batch_norm(x, state, s, b, axis_name=n, **bn),
+        'batch_norm eval': lambda x, s, b, n: nl.batch_norm(x, state, s, b, training=False),
+        'batch_norm mask': lambda x, s, b, n: nl.batch_norm(x, state, s, b, axis_name=n,
+                                                            mask=x > 0, **bn),
+        'ghost batch norm': lambda x, s, b, n: nl.batch_norm(x, state, s, b, axis_name=n,
+                                                             virtual_batch_size=4, **bn),
+        'batch_renorm': lambda x, s, b, n: nl.batch_renorm(x, state, s, b, axis_name=n,
+                                                           r_max=2.0, d_max=1.0, **bn),
+        'lp_batch_norm': lambda x, s, b, n: nl.lp_batch_norm(x, state, s, b, p=3.0, axis_name=n,
+                                                             **bn),
+        'l1_batch_norm': lambda x, s, b, n: nl.l1_batch_norm(x, state, s, b, axis_name=n, **bn),
+        'layer_norm': lambda x, s, b, n: nl.layer_norm(x, s, b, axis_name=n),
+        'rms_norm': lambda x, s, b, n: nl.rms_norm(x, s, axis_name=n),
+        'group_norm': lambda x, s, b, n: nl.group_norm(x[None], s, b, num_groups=2),
+        'instance_norm': lambda x, s, b, n: nl.instance_norm(x[None, None], s, b),
+        'l2_normalize': lambda x, s, b, n: nl.l2_normalize(x),
+    }
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_strict_rank_and_dtype_promotion(dtype):
+    # As Equinox's test setup and many codebases run: no implicit broadcasting
+    # of ranks, no implicit mixing of dtypes (a bfloat16 x with bfloat16 scale).
+    rng = np.random.default_rng(30)
+    x = jnp.asarray(rng.standard_normal((4, 8, 6)) + 3, dtype)
+    scale, bias = jnp.asarray(rng.random(6) + 0.5, dtype), jnp.asarray(rng.random(6), dtype)
+    report = []
+    with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
+        for name, f in _strict_cases().items():
+            def out(x, n=None, f=f):
+                return jax.tree.leaves(f(x, scale, bias, n))[0].astype(jnp.float32)
+            try:  # promotion is checked while tracing: nothing needs to run
+                jax.eval_shape(jax.grad(lambda x: jnp.sum(jnp.sin(out(x)))), x[0])
+                jax.eval_shape(jax.vmap(jax.grad(lambda v: jnp.sum(jnp.sin(out(v, 'i')))),
+                                        axis_name='i'), x)
+            except Exception as error:  # noqa: BLE001 - every failure is reported
+                report.append(f'{name}: {type(error).__name__}: {str(error)[:200]}')
+    assert not report, '\n'.join(report)
