@@ -133,3 +133,13 @@ def test_layer_rms_and_group_norm_match_equinox_and_float64(offset):
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r'LayerNorm\(shape\)\(x\) needs x.shape == shape'):
         neqx.LayerNorm(4)(jnp.ones((2, 4)))
+
+
+def test_modules_under_strict_promotion():
+    x = jnp.asarray(np.random.default_rng(33).standard_normal((8, 6)) + 3, jnp.float32)
+    with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
+        bn, state = eqx.nn.make_with_state(neqx.BatchNorm)(6, axis_name='i')
+        jax.vmap(bn, axis_name='i', in_axes=(0, None), out_axes=(0, None))(x, state)
+        jax.vmap(lambda v: bn(v, state, inference=True), axis_name='i')(x)
+        for module in (neqx.LayerNorm(6), neqx.RMSNorm(6), neqx.GroupNorm(2, 6)):
+            jax.vmap(module)(x)

@@ -454,3 +454,43 @@ def test_strict_rank_and_dtype_promotion(dtype):
             except Exception as error:  # noqa: BLE001 - every failure is reported
                 report.append(f'{name}: {type(error).__name__}: {str(error)[:200]}')
     assert not report, '\n'.join(report)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_flax_modules_under_strict_promotion(dtype):
+    x = jnp.asarray(np.random.default_rng(31).standard_normal((4, 8, 6)) + 3, dtype)
+    kw = dict(dtype=dtype, param_dtype=dtype)
+    report = []
+    with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
+        linen = {'BatchNorm': nln.BatchNorm(use_running_average=False, **kw),
+                 'BatchNorm eval': nln.BatchNorm(use_running_average=True, **kw),
+                 'LayerNorm': nln.LayerNorm(**kw), 'RMSNorm': nln.RMSNorm(**kw),
+                 'GroupNorm': nln.GroupNorm(num_groups=2, **kw),
+                 'InstanceNorm': nln.InstanceNorm(**kw)}
+        for name, module in linen.items():
+            try:
+                variables = jax.eval_shape(module.init, jax.random.key(0), x)
+                jax.eval_shape(lambda v, x: module.apply(v, x, mutable=True), variables, x)
+            except Exception as error:  # noqa: BLE001 - every failure is reported
+                report.append(f'linen {name}: {type(error).__name__}: {str(error)[:200]}')
+        synced = nln.BatchNorm(use_running_average=False, axis_name='i', **kw)
+        try:
+            variables = jax.eval_shape(synced.init, jax.random.key(0), x[0])
+            jax.eval_shape(lambda v, x: jax.vmap(lambda x: synced.apply(v, x, mutable=True),
+                                                 axis_name='i')(x), variables, x)
+        except Exception as error:  # noqa: BLE001
+            report.append(f'linen BatchNorm axis_name: {type(error).__name__}: {str(error)[:200]}')
+        for name, make in {'BatchNorm': lambda r: nnn.BatchNorm(6, rngs=r, **kw),
+                           'LayerNorm': lambda r: nnn.LayerNorm(6, rngs=r, **kw),
+                           'RMSNorm': lambda r: nnn.RMSNorm(6, rngs=r, **kw),
+                           'GroupNorm': lambda r: nnn.GroupNorm(6, num_groups=2, rngs=r, **kw),
+                           'InstanceNorm': lambda r: nnn.InstanceNorm(6, rngs=r, **kw)}.items():
+            try:
+                module = make(nnx.Rngs(0))
+                module(x)
+                if name == 'BatchNorm':
+                    module.eval()
+                    module(x)
+            except Exception as error:  # noqa: BLE001
+                report.append(f'nnx {name}: {type(error).__name__}: {str(error)[:200]}')
+    assert not report, '\n'.join(report)

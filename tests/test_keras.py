@@ -135,3 +135,12 @@ def test_unsupported_arguments_are_clear():
         nk.BatchNormalization(renorm=True)
     with pytest.raises(ValueError, match='rms_scaling=True'):
         nk.LayerNormalization(rms_scaling=True)
+
+
+def test_layers_under_strict_promotion():
+    x = np.random.default_rng(32).standard_normal((4, 8, 6)).astype('float32') + 3
+    with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
+        for layer in (nk.BatchNormalization(), nk.LayerNormalization(),
+                      nk.GroupNormalization(groups=2)):
+            layer(x, training=True)
+            layer(x, training=False)
