@@ -486,11 +486,11 @@ def test_flax_modules_under_strict_promotion(dtype):
                            'GroupNorm': lambda r: nnn.GroupNorm(6, num_groups=2, rngs=r, **kw),
                            'InstanceNorm': lambda r: nnn.InstanceNorm(6, rngs=r, **kw)}.items():
             try:
-                module = make(nnx.Rngs(0))
-                module(x)
+                module = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+                nnx.eval_shape(lambda m, x: m(x), module, x)
                 if name == 'BatchNorm':
                     module.eval()
-                    module(x)
+                    nnx.eval_shape(lambda m, x: m(x), module, x)
             except Exception as error:  # noqa: BLE001
                 report.append(f'nnx {name}: {type(error).__name__}: {str(error)[:200]}')
     assert not report, '\n'.join(report)
