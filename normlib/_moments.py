@@ -200,6 +200,16 @@ def _pick(v, index, axes):
     return jax.sharding.auto_axes(lambda v: v[index], out_sharding=jax.P(*kept))(v)
 
 
+def _count(mask, axes, dtype=jnp.float32):
+    """The number of True entries of ``mask`` over ``axes`` (kept dims), in
+    ``dtype``: summed in int32 within each index of the first axis, then in
+    ``dtype`` across it, so no sum wraps past int32's range (a global batch
+    can hold more valid entries per feature)."""
+    inner = tuple(axes[1:])
+    partial = jnp.sum(mask, axis=inner, keepdims=True, dtype=jnp.int32) if inner else mask
+    return jnp.sum(partial.astype(dtype), axis=tuple(axes[:1]), keepdims=True)
+
+
 def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     """The :class:`Moments` of one part over ``axes`` (kept dims), of ``x * scale``.
 
@@ -218,7 +228,7 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
         count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), real)
         keep = lambda v: v
     else:
-        count = _sum(mask, axes).astype(real)
+        count = _count(mask, axes, real)
         keep = lambda v: jnp.where(mask, v, 0)
     # Squares are divided by the count before they are summed, so a sum of n
     # squares near the float32 limit cannot overflow a representable mean.

@@ -20,7 +20,9 @@ class BatchNormState(NamedTuple):
         feature shape.
       var: running (biased, unless ``unbiased_running_var``) variance, real
         float32 or wider.
-      count: int32 scalar, the number of statistic updates so far.
+      count: int32, the number of statistic updates so far: a scalar
+        (calls that saw any feature), or of the feature shape (each
+        feature's own updates; see ``init_batch_norm(per_feature_count=True)``).
     """
     mean: jax.Array
     var: jax.Array
@@ -28,7 +30,8 @@ class BatchNormState(NamedTuple):
 
 
 def init_batch_norm(num_features: int | tuple[int, ...],
-                    dtype: Any = jnp.float32) -> BatchNormState:
+                    dtype: Any = jnp.float32, *,
+                    per_feature_count: bool = False) -> BatchNormState:
     """A fresh :class:`BatchNormState`: mean 0, var 1, count 0.
 
     Args:
@@ -36,6 +39,10 @@ def init_batch_norm(num_features: int | tuple[int, ...],
       dtype: dtype of ``mean`` and ``var``: float32 or wider, or complex64 or
         wider for complex input (then ``mean`` is complex and ``var`` has the
         matching real dtype).
+      per_feature_count: count each feature's updates apart (``count`` of the
+        feature shape), so that with ``momentum=None`` or ``zero_debias`` a
+        feature that a mask empties in some batches is averaged over the
+        batches it saw; otherwise ``count`` is one int32 scalar.
 
     Example:
         >>> import normlib
@@ -51,8 +58,10 @@ def init_batch_norm(num_features: int | tuple[int, ...],
         raise ValueError(f'num_features must be positive, got {num_features!r}.')
     _state_dtype('dtype', dtype, complex_ok=True)
     var_dtype = jnp.finfo(dtype).dtype
+    if not isinstance(per_feature_count, bool):
+        raise TypeError(f'per_feature_count must be a bool, got {per_feature_count!r}.')
     return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, var_dtype),
-                          jnp.zeros((), jnp.int32))
+                          jnp.zeros(shape if per_feature_count else (), jnp.int32))
 
 
 def _state_dtype(name, dtype, *, complex_ok):
@@ -93,7 +102,8 @@ def _check_state(state, features, x_dtype=None):
                         ' init_batch_norm(num_features, dtype=jnp.complex64).')
     _checks.shape('state.mean', state.mean, features, 'the features (x.shape at axis)')
     _checks.shape('state.var', state.var, features, 'the features (x.shape at axis)')
-    _checks.shape('state.count', state.count, (), 'counts')
+    if state.count.shape != tuple(features):
+        _checks.shape('state.count', state.count, (), 'counts (or the features, one count each)')
 
 
 def _params(name, value, features, broadcast):
@@ -104,31 +114,56 @@ def _params(name, value, features, broadcast):
     return value.reshape(broadcast)
 
 
-def _update(state, count, mean, var, momentum, unbiased, zero_debias=False):
-    """Folds one batch's moments (feature shape) into the running state."""
+def _update(state, batch: _moments.Moments, momentum, unbiased, zero_debias=False):
+    """Folds one batch's moments (feature shape) into the running state.
+
+    Each statistic becomes ``(1 - w) * old + w * new``, with both weights
+    computed apart so that ``w = 1`` (the first batch of ``momentum=None``
+    or ``zero_debias``) gives the batch's statistic bit for bit, at any
+    offset, and a small variance keeps its digits (``old + (new - old) * w``
+    would round it at the precision of ``old``). A per-feature ``count``
+    counts each feature's own updates; a scalar one the calls that saw any
+    feature. Counts stop at int32's largest value instead of wrapping (the
+    weight ``1 / (count + 1)`` of a later batch is below float32's
+    resolution long before).
+    """
+    count = batch.count
     seen = count > 0
+    var = batch.var
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
-    steps = state.count.astype(state.mean.dtype)
+    real = jnp.finfo(state.var.dtype).dtype
+    own = state.count.shape != ()
+    steps = state.count.astype(real)
+    if own:
+        steps = steps.reshape(count.shape)
+    if momentum is None or (zero_debias and momentum == 1.0):
+        # The exact average of all batches (the limit of the debiased weight
+        # below as momentum -> 1).
+        kept, taken = steps / (steps + 1), 1 / (steps + 1)
+    elif zero_debias:
+        # The EMA started at zero, divided by 1 - momentum**t: the new
+        # batch weighs (1 - m) / (1 - m**(t + 1)), 1 at the start, and the
+        # old value m (1 - m**t) / (1 - m**(t + 1)), 0 at the start.
+        m = jnp.asarray(momentum, real)
+        power = m ** steps
+        norm = 1 - power * m
+        kept, taken = m * (1 - power) / norm, (1 - m) / norm
+    else:
+        kept, taken = momentum, 1 - jnp.asarray(momentum, real)
+
+    kept, taken = (jnp.asarray(w, real) for w in (kept, taken))
 
     def ema(old, new):
         new = new.astype(old.dtype)
-        if momentum is None:
-            new = old + (new - old) / (steps + 1)
-        elif zero_debias and momentum == 1.0:
-            # The limit of the debiased weight below as momentum -> 1:
-            # 1 / (t + 1), the average of all batches (momentum=None).
-            new = old + (new - old) / (steps + 1)
-        elif zero_debias:
-            # The EMA started at zero, divided by 1 - momentum**t: the weight
-            # of the new batch is (1 - m) / (1 - m**(t + 1)), 1 at the start.
-            new = old + (new - old) * ((1.0 - momentum) / (1.0 - momentum ** (steps + 1)))
-        else:
-            new = momentum * old + (1.0 - momentum) * new
-        return jnp.where(seen, new, _moments.laid_out_as(old, new))
+        average = old * kept.astype(old.dtype) + new * taken.astype(old.dtype)
+        return jnp.where(seen, average, _moments.laid_out_as(old, new))
 
-    new_count = state.count + jnp.any(seen).astype(state.count.dtype)
-    return BatchNormState(ema(state.mean, mean), ema(state.var, var), new_count)
+    limit = jnp.iinfo(state.count.dtype).max
+    grows = (seen if own else jnp.any(seen)).astype(state.count.dtype)
+    grows = jnp.where(state.count.reshape(grows.shape) < limit, grows, 0)
+    new_count = (state.count.reshape(grows.shape) + grows).reshape(state.count.shape)
+    return BatchNormState(ema(state.mean, batch.mean), ema(state.var, var), new_count)
 
 
 class _Call(NamedTuple):
@@ -171,21 +206,28 @@ def _evaluate(call):
 
 
 def _standardize(call, scale, bias):
-    """Training-mode normalization; returns y and the batch's (count, mean, var).
+    """Training-mode normalization; returns y and the batch's moments (feature shape).
 
     Features with no valid entry are normalized with the running statistics.
     """
     reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
     y, m = _moments.standardize(call.x, scale, bias, axes=reduced, epsilon=call.epsilon,
                                 mask=call.mask, sync=call.sync, fallback=call.fallback)
-    return y, tuple(jax.lax.stop_gradient(v).reshape(call.features)
-                    for v in (m.count, m.mean, m.var))
+    return y, _per_feature(call, m)
+
+
+def _per_feature(call, m: _moments.Moments) -> _moments.Moments:
+    """Kept-dims moments laid out as the feature shape, without gradient;
+    the mean in ``shift``, ``delta`` zero."""
+    count, mean, var = (jnp.broadcast_to(jax.lax.stop_gradient(v), call.broadcast)
+                        .reshape(call.features) for v in (m.count, m.mean, m.var))
+    return _moments.Moments(count, mean, jnp.zeros_like(mean), var)
 
 
 def _ghost(call, size, unbiased):
     """Normalizes each chunk of ``size`` examples along axis 0 by itself.
 
-    Returns y and the chunks' average (count, mean, var) over this call's
+    Returns y and the chunks' average moments (feature shape) over this call's
     devices, chunks without valid entries left out; ``unbiased`` applies
     ``n / (n - 1)`` to each chunk's variance.
     """
@@ -213,7 +255,9 @@ def _ghost(call, size, unbiased):
     totals = jnp.stack([jnp.sum(used * m, axis=0) for m in (used, mean, var)])
     totals = _moments.group_sum(totals, call.sync)
     chunks = jnp.maximum(totals[0].real, 1)
-    return y.reshape(x.shape), (totals[0].real, totals[1] / chunks, totals[2].real / chunks)
+    mean = totals[1] / chunks
+    return y.reshape(x.shape), _moments.Moments(totals[0].real, mean, jnp.zeros_like(mean),
+                                                totals[2].real / chunks)
 
 
 def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: bool,
@@ -345,11 +389,11 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
     if not training:
         return _evaluate(call), state
     if virtual_batch_size is None:
-        y, (count, mean, var) = _standardize(call, call.scale, call.bias)
+        y, batch = _standardize(call, call.scale, call.bias)
     else:
-        y, (count, mean, var) = _ghost(call, virtual_batch_size, unbiased_running_var)
+        y, batch = _ghost(call, virtual_batch_size, unbiased_running_var)
         unbiased_running_var = False
-    return y, _update(jax.lax.stop_gradient(state), count, mean, var, call.momentum,
+    return y, _update(jax.lax.stop_gradient(state), batch, call.momentum,
                       unbiased_running_var, zero_debias)
 
 
@@ -395,7 +439,8 @@ def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: b
             raise ValueError(f'{name} must be >= {low:g}, got {value!r}.')
     if not training:
         return _evaluate(call), state
-    xhat, (count, mean, var) = _standardize(call, None, None)
+    xhat, batch = _standardize(call, None, None)
+    count, mean, var = batch.count, batch.mean, batch.var
     state = jax.lax.stop_gradient(state)
     sigma = jnp.sqrt(state.var + call.epsilon)
     seen = count > 0  # features with no valid entry: normalized with the state, r = 1, d = 0
@@ -403,7 +448,7 @@ def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: b
     d = jnp.where(seen, jnp.clip((mean - state.mean) / sigma, -d_max, d_max), 0)
     r, d = (jax.lax.stop_gradient(v).reshape(call.broadcast) for v in (r, d))
     y = _masked_affine(call, lambda xhat: xhat.astype(r.dtype) * r + d, xhat)
-    return y.astype(call.x.dtype), _update(state, count, mean, var, call.momentum, False)
+    return y.astype(call.x.dtype), _update(state, batch, call.momentum, False)
 
 
 def _masked_affine(call, standard, v):
@@ -535,9 +580,8 @@ def _spread_norm(call, state, p, factor, training, unbiased_running_var, zero_de
                             jnp.where(seen, m.delta, 0), jnp.where(seen, var, fallback_var))
     standard = lambda v: _moments.standardize_with(v, used, epsilon=call.epsilon)
     y = _masked_affine(call, standard, xf).astype(call.x.dtype)
-    count, mean, var = (jnp.broadcast_to(jax.lax.stop_gradient(m), call.broadcast)
-                        .reshape(call.features) for m in (count, mean, var))
-    return y, _update(jax.lax.stop_gradient(state), count, mean, var, call.momentum,
+    batch = _per_feature(call, _moments.Moments(count, mean, jnp.zeros_like(mean), var))
+    return y, _update(jax.lax.stop_gradient(state), batch, call.momentum,
                       unbiased_running_var, zero_debias)
 
 

@@ -96,7 +96,9 @@ class BatchNorm(nn.Module):
 
     normlib additions: ``momentum=None`` keeps the exact average of all
     batches so far; it needs the number of updates, stored as an extra int32
-    scalar ``batch_stats/count`` that exists only when ``momentum`` is None
+    ``batch_stats/count`` of the feature shape (each feature's own updates,
+    so a feature a mask empties in some batches averages the batches it
+    saw) that exists only when ``momentum`` is None
     (Flax checkpoints, which have no ``count``, load into every other setting).
     ``unbiased_running_var=True`` keeps PyTorch's unbiased running variance.
     Features whose entries are all masked keep their running statistics.
@@ -152,7 +154,7 @@ class BatchNorm(nn.Module):
         mean_dtype = _moments.compute_dtype(x.dtype) if jnp.iscomplexobj(x) else jnp.float32
         mean = self.variable('batch_stats', 'mean', jnp.zeros, features, mean_dtype)
         var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
-        count = (self.variable('batch_stats', 'count', jnp.zeros, (), jnp.int32)
+        count = (self.variable('batch_stats', 'count', jnp.zeros, features, jnp.int32)
                  if self.momentum is None else None)
         scale, bias = _affine(self, features)
         x, out_dtype = _promote(x, (scale, bias), self.dtype)

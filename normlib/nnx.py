@@ -77,8 +77,9 @@ class BatchNorm(nnx.Module):
     Flax; the running statistics used are the float32 ones.
 
     normlib additions: ``momentum=None`` keeps the exact average of all
-    batches so far, counting updates in an extra int32 ``nnx.BatchStat``
-    ``count`` that exists only then; ``unbiased_running_var=True`` keeps
+    batches so far, counting each feature's updates in an extra int32
+    ``nnx.BatchStat`` ``count`` (one per feature, so a feature a mask empties
+    in some batches averages the batches it saw) that exists only then; ``unbiased_running_var=True`` keeps
     PyTorch's unbiased running variance. Features whose entries are all
     masked keep their running statistics.
 
@@ -137,7 +138,7 @@ class BatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         if momentum is None:
-            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+            self.count = nnx.BatchStat(jnp.zeros((num_features,), jnp.int32))
         self.scale = _param(use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata)
         self.num_features = num_features
@@ -166,7 +167,8 @@ class BatchNorm(nnx.Module):
             (x, self.mean[...], self.var[...], _value(self.scale), _value(self.bias)),
             dtype=self.dtype)
         features = _checks.features_of(x.shape, _checks.axes('axis', self.axis, x.ndim))
-        count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
+        count = (_features(self.count[...], features, 'features') if self.momentum is None
+                 else jnp.zeros((), jnp.int32))
         mean = self.mean[...]
         if jnp.iscomplexobj(x) and not jnp.iscomplexobj(mean):  # as Flax: the mean turns complex
             mean = mean.astype(_moments.compute_dtype(x.dtype))
@@ -186,7 +188,7 @@ class BatchNorm(nnx.Module):
                 self.mean.set_value(state.mean.reshape(self.mean.shape))
             self.var[...] = state.var.reshape(self.var.shape)
             if self.momentum is None:
-                self.count[...] = state.count
+                self.count[...] = state.count.reshape(self.count.shape)
         return y
 
     def set_view(self, use_running_average: bool | None = None):

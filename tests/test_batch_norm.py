@@ -13,7 +13,7 @@ import normlib as nl
 
 
 EPS = 1e-5
-STATIC = ('training', 'axis', 'momentum', 'epsilon', 'unbiased_running_var')
+STATIC = ('training', 'axis', 'momentum', 'epsilon', 'unbiased_running_var', 'zero_debias')
 # One jitted entry point: tests with equal shapes and settings share its compilations.
 batch_norm_jit = jax.jit(nl.batch_norm, static_argnames=STATIC)
 
@@ -183,22 +183,73 @@ def test_momentum_none_is_the_average_of_batch_moments():
     assert int(state.count) == len(batches)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'momentum=None uses the scalar state.count, which grows whenever any feature is seen: a '
-    'feature with no valid entry in one batch is later averaged with weight 1/(count+1) over '
-    'batches it never saw.'))
 def test_momentum_none_averages_each_feature_over_the_batches_it_saw():
     rng = np.random.default_rng(4)
     batches = [(rng.normal(size=(16, 5)) + 2 * i).astype(np.float32) for i in range(3)]
     no_feature_0 = np.ones((16, 5), bool)
     no_feature_0[:, 0] = False
-    state = nl.init_batch_norm(5)
+    state = nl.init_batch_norm(5, per_feature_count=True)
     for i, x in enumerate(batches):
         _, state = batch_norm_jit(x, state, training=True, momentum=None,
                                   mask=no_feature_0 if i == 1 else np.ones((16, 5), bool))
     expected = np.mean([x.astype(np.float64).mean(axis=0) for x in batches], axis=0)
     expected[0] = np.mean([batches[0][:, 0].mean(), batches[2][:, 0].mean()])
     np.testing.assert_allclose(state.mean, expected, rtol=1e-5)
+    assert state.count.tolist() == [2, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize('momentum, zero_debias', [(None, False), (0.9, True), (0.999, True)])
+@pytest.mark.parametrize('offset, std', [(1e6, 1.0), (0.0, 1e-4), (1e6, 1e-3), (0.0, 1e-3)])
+def test_first_update_is_the_batch_exactly(momentum, zero_debias, offset, std):
+    # A weight of 1 must give the batch's statistics bit for bit: at offset 1e6 the
+    # prior's 0 must not round the mean, and a variance of 1e-8 must keep its digits.
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(64, 3)) * std + offset).astype(np.float32)
+    _, state = batch_norm_jit(x, nl.init_batch_norm(3), training=True, momentum=momentum,
+                              zero_debias=zero_debias)
+    _, mean, var, _ = np_batch_norm(x, -1)
+    np.testing.assert_allclose(state.mean, mean, rtol=2e-7, atol=1e-5 * std)
+    np.testing.assert_allclose(state.var, var, rtol=1e-3)
+    # The second batch of momentum=None averages the two exactly, small variances included.
+    if momentum is None:
+        x2 = (rng.normal(size=(64, 3)) * std + offset).astype(np.float32)
+        _, state = batch_norm_jit(x2, state, training=True, momentum=None)
+        _, mean2, var2, _ = np_batch_norm(x2, -1)
+        np.testing.assert_allclose(state.var, (var + var2) / 2, rtol=1e-3)
+
+
+def test_update_count_saturates_instead_of_wrapping():
+    limit = np.iinfo(np.int32).max
+    for count in (np.int32(limit), np.full((2,), limit, np.int32)):
+        state = nl.BatchNormState(jnp.zeros(2), jnp.ones(2), jnp.asarray(count))
+        x = np.array([[1.0, 2.0], [3.0, 5.0]], np.float32)
+        _, new = batch_norm_jit(x, state, training=True, momentum=None)
+        assert (np.asarray(new.count) == limit).all()
+        # Weight 1 / (count + 1): the running mean barely moves, and stays finite.
+        np.testing.assert_allclose(new.mean, [0.0, 0.0], atol=1e-8)
+
+
+def test_masked_count_does_not_wrap_past_int32():
+    # 2**31 + 2**20 valid entries per feature, as a global sharded batch can hold: the
+    # count reduction batch_norm's masked moments use, on a mask broadcast inside jit
+    # (XLA fuses the broadcast, so nothing of that size is materialized). An int32 sum
+    # gives -2146435072 here.
+    from normlib import _moments
+    shape = (2**16, 2**15 + 2**4, 1)
+    count = jax.jit(lambda t: _moments._count(jnp.broadcast_to(t, shape), (0, 1)))(True)
+    assert count.dtype == jnp.float32
+    assert float(count.reshape(())) == pytest.approx(2**31 + 2**20, rel=1e-6)
+
+
+@pytest.mark.parametrize('momentum, zero_debias', [(None, False), (0.9, True), (0.9, False)])
+def test_complex_running_variance_stays_real(momentum, zero_debias):
+    rng = np.random.default_rng(8)
+    state = nl.init_batch_norm(3, dtype=jnp.complex64)
+    for _ in range(2):  # the second call checks the state the first one returned
+        x = (rng.normal(size=(16, 3)) + 1j * rng.normal(size=(16, 3))).astype(np.complex64)
+        _, state = batch_norm_jit(x, state, training=True, momentum=momentum,
+                                  zero_debias=zero_debias)
+    assert state.var.dtype == jnp.float32 and state.mean.dtype == jnp.complex64
 
 
 @pytest.mark.parametrize('layout', ['NC', 'NCHW'])

@@ -216,11 +216,28 @@ def _train(module, batches):
 def test_cumulative_average_stores_a_count_and_averages_exactly():
     batches = [_x((8, 3), offset=i, seed=i) for i in range(3)]
     stats = _train(nl.BatchNorm(use_running_average=False, momentum=None), batches)
-    assert stats['count'].dtype == jnp.int32 and int(stats['count']) == 3
+    assert stats['count'].dtype == jnp.int32 and stats['count'].tolist() == [3, 3, 3]
     np.testing.assert_allclose(stats['mean'], np.mean([b.mean(0) for b in batches], 0), rtol=1e-5)
     np.testing.assert_allclose(stats['var'], np.mean([b.var(0) for b in batches], 0), rtol=1e-5)
     assert set(_shapes(nl.BatchNorm(), batches[0], use_running_average=False)['batch_stats']) == {
         'mean', 'var'}
+
+
+def test_cumulative_average_counts_each_feature_over_the_batches_it_saw():
+    batches = [_x((8, 3), offset=2 * i, seed=i) for i in range(3)]
+    module = nl.BatchNorm(use_running_average=False, momentum=None)
+    variables = module.init(jax.random.key(0), batches[0])
+    no_feature_1 = np.ones((8, 3), bool)
+    no_feature_1[:, 1] = False
+    step = jax.jit(lambda v, x, m: module.apply(v, x, mask=m, mutable=['batch_stats'])[1])
+    for i, b in enumerate(batches):
+        variables = {**variables, **step(variables, b, no_feature_1 if i == 0 else
+                                         np.ones((8, 3), bool))}
+    stats = variables['batch_stats']
+    assert stats['count'].tolist() == [3, 2, 3]
+    expected = np.mean([b.astype(np.float64).mean(0) for b in batches], 0)
+    expected[1] = np.mean([b[:, 1].astype(np.float64).mean() for b in batches[1:]])
+    np.testing.assert_allclose(stats['mean'], expected, rtol=1e-5)
 
 
 def test_unbiased_running_var():
