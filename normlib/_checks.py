@@ -85,6 +85,24 @@ def positive(name: str, value: Any) -> float:
     return number
 
 
+def epsilon(value: Any, dtype: Any = None) -> float:
+    """A static epsilon that XLA keeps: at least the smallest normal number of
+    the compute ``dtype`` (float32 unless wider), which XLA would flush to 0
+    (then a constant input gives 0 / 0)."""
+    number = positive('epsilon', value)
+    dtype = jnp.dtype(jnp.float32) if dtype is None else jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        dtype = jnp.finfo(dtype).dtype
+    if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 32:
+        dtype = jnp.dtype(jnp.float32)
+    tiny = float(jnp.finfo(dtype).tiny)
+    if number < tiny:
+        raise ValueError(f'epsilon must be at least {tiny:g}, the smallest normal {dtype.name}'
+                         f' (the dtype the statistics are computed in): XLA flushes smaller'
+                         f' values to 0; got {value!r}.')
+    return number
+
+
 def static_number(name: str, value: Any) -> float:
     if isinstance(value, jax.core.Tracer):
         raise TypeError(

@@ -200,6 +200,15 @@ def _pick(v, index, axes):
     return jax.sharding.auto_axes(lambda v: v[index], out_sharding=jax.P(*kept))(v)
 
 
+def exact_quotient(a, b):
+    """``a / b`` rounded once. XLA rewrites a division by a broadcast value
+    (a count shared by a row) as a product with its rounded reciprocal;
+    ``b + 0 * a`` is no broadcast, and is batched as ``a`` under ``vmap``
+    (a ``zeros_like(a)`` would not be); the barrier keeps XLA from seeing
+    through it."""
+    return a / jax.lax.optimization_barrier(b + 0 * a)
+
+
 def _count(mask, axes, dtype=jnp.float32):
     """The number of True entries of ``mask`` over ``axes`` (kept dims), in
     ``dtype``: summed in int32 within each index of the first axis, then in
@@ -241,7 +250,10 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     # Each pass converts its own copy of x: a shared float32 copy would be
     # written to memory and read back.
     x1, anchor1, scale1 = _schedule.private((x, anchor, scale), 1)
-    delta = _sum(keep(widen(x1, scale1) - anchor1), axes) * share
+    # A quotient: a feature whose entries all equal v gets delta = v - anchor
+    # exactly (n copies of a difference of nearby floats sum exactly), so it
+    # normalizes to exactly 0; a product with the rounded 1 / n would not.
+    delta = exact_quotient(_sum(keep(widen(x1, scale1) - anchor1), axes), jnp.maximum(count, 1))
     x2, anchor2, scale2 = _schedule.private((x, anchor, scale), 2)
     var = _sum(keep(_abs2(widen(x2, scale2) - anchor2) * share), axes)
     var = jnp.maximum(var - _abs2(delta), 0)
@@ -401,8 +413,13 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     shift = jax.lax.stop_gradient(merged)
     # An empty shard adds nothing; its offset is zeroed so 0 * inf cannot arise.
     offsets = jnp.where(local.count > 0, (local.shift - shift) + local.delta, 0)
-    delta, second = _sum_over_shards([weights * offsets,
-                                      weights * (local.var + _abs2(offsets))], sync)
+    # The offsets are weighted by count / 2**k (exact), and their sum divided
+    # by the total's share: when every shard has the same offset (a constant
+    # feature) delta is that offset exactly, and the feature normalizes to 0.
+    unit = 2.0 ** math.ceil(math.log2(max(total, 1)))
+    offset_sum, second = _sum_over_shards([(local.count / unit) * offsets,
+                                           weights * (local.var + _abs2(offsets))], sync)
+    delta = exact_quotient(offset_sum, jnp.maximum(count, 1) / unit)
     return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0))
 
 
@@ -523,7 +540,7 @@ def _power_of_two_scale(x, axes, mask):
     magnitude = jnp.abs(x).astype(real_dtype(x.dtype))
     if mask is not None:
         magnitude = jnp.where(mask, magnitude, 0)
-    largest = jnp.max(magnitude, axis=axes, keepdims=True)
+    largest = jnp.max(magnitude, axis=axes, keepdims=True, initial=0)
     _, exponent = jnp.frexp(largest)
     return jax.lax.stop_gradient(
         jnp.ldexp(jnp.ones_like(largest), jnp.minimum(0, _HEADROOM - exponent)))
@@ -552,7 +569,12 @@ def _statistics(spec, x, mask, fallback):
     s = _power_of_two_scale(x, spec.axes, mask)
     used = moments(x, spec.axes, mask=mask, center=spec.center, scale=s)
     m = Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
-    inv = jnp.where(m.count == 0, 0, jax.lax.rsqrt(used.var + spec.epsilon * (s * s)))
+    # epsilon * s**2 flushes to 0 for rows near float32's largest values;
+    # there a variance below the smallest normal float is that of a constant
+    # row (the entries are 2**36 apart at that scale), whose x_hat is 0.
+    tiny = jnp.finfo(used.var.dtype).tiny
+    inv = jnp.where(m.count == 0, 0,
+                    jax.lax.rsqrt(jnp.maximum(used.var + spec.epsilon * (s * s), tiny)))
     return m, used, inv, s
 
 
@@ -661,7 +683,7 @@ def _largest(magnitude, axes, sync: Sync):
     has no derivative in JAX). Differentiated, it costs one more collective:
     the number of entries that attain it.
     """
-    return group_max(jnp.max(magnitude, axis=axes, keepdims=True), sync)
+    return group_max(jnp.max(magnitude, axis=axes, keepdims=True, initial=0), sync)
 
 
 @_largest.defjvp
@@ -671,6 +693,15 @@ def _largest_jvp(axes, sync, primals, tangents):
     hit = magnitude == top
     ties = group_sum(_sum(hit.astype(top.dtype), axes), sync)
     return top, group_sum(_sum(jnp.where(hit, dmagnitude, 0), axes), sync) / ties
+
+
+# Up to this p the Lp spread is taken in units of the standard deviation:
+# ratios r = |d| / std have sum(r**2) = n, so sum(r**p) <= n**(p / 2) cannot
+# overflow float32 for n below 2**31, and is at least n (the power mean
+# inequality), so underflowed terms do not matter. Beyond it, in units of
+# the largest deviation (one more pass, and across devices one more
+# collective). The choice depends on p only, never on the data.
+_STD_UNIT_MAX_P = 8.0
 
 
 def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None = None):
@@ -683,11 +714,12 @@ def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None 
     over the valid entries, with ``m`` the merged :class:`Moments` of
     :func:`moments` (so every shard deviates from the same global mean,
     ``x - shift - delta``, exact at any offset). For ``p > 1`` the
-    deviations are measured in units of the standard deviation,
-    ``s_p = std * (mean |d / std|^p)^(1/p)``: exact for ``p = 2``, and free
-    of overflow and underflow for any ``p`` the data allow. ``s_p`` does
-    not depend on the unit, so the unit carries no gradient. Masked entries
-    (even NaN or inf) add nothing, gradient included. One collective.
+    deviations are measured in a unit ``u``, ``s_p = u * (mean |d / u|^p)^(1/p)``:
+    the standard deviation up to ``p = 8`` (exact for ``p = 2``), the
+    largest deviation above, so that no ``p`` overflows or underflows.
+    ``s_p`` does not depend on the unit, so the unit carries no gradient.
+    Masked entries (even NaN or inf) add nothing, gradient included. One
+    collective (two for ``p > 8``).
     """
     if mask is not None:  # finite stand-ins keep NaN padding out of the gradient
         x = jnp.where(mask, x, m.shift)
@@ -695,12 +727,15 @@ def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None 
     if mask is not None:
         magnitude = jnp.where(mask, magnitude, 0)
     if np.isinf(p):
-        largest = jnp.max(magnitude, axis=axes, keepdims=True)
+        largest = jnp.max(magnitude, axis=axes, keepdims=True, initial=0)
         return largest if sync is None else _largest(magnitude, axes, sync)
     if p == 1:
         return group_sum(_sum(magnitude, axes), sync) / jnp.maximum(m.count, 1)
-    std = jnp.sqrt(m.var)
-    unit = jax.lax.stop_gradient(jnp.where(std > 0, std, 1))
+    if p <= _STD_UNIT_MAX_P:
+        unit = jnp.sqrt(m.var)
+    else:
+        unit = group_max(jnp.max(magnitude, axis=axes, keepdims=True, initial=0), sync)
+    unit = jax.lax.stop_gradient(jnp.where(unit > 0, unit, 1))
     ratio = magnitude / unit
     if p == 2:
         powered = jnp.square(ratio)

@@ -198,7 +198,7 @@ def _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_n
     return _Call(
         x, _params('scale', scale, features, broadcast), _params('bias', bias, features, broadcast),
         None if mask is None else _checks.mask(mask, x.shape), feature_axes, features, broadcast,
-        _checks.positive('epsilon', epsilon), _checks.momentum(momentum), sync, fallback)
+        _checks.epsilon(epsilon, x.dtype), _checks.momentum(momentum), sync, fallback)
 
 
 def _evaluate(call):
@@ -491,10 +491,13 @@ def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
     for the moments, then one for the deviations, which are taken from the
     exact global mean and so need it first; two backward; at ``p = inf``
     the derivative adds one for the number of entries that attain the
-    largest deviation, which share its gradient). :math:`\mu_B` is
-    exact at any offset (:func:`batch_norm`'s moments) and :math:`s_B` is
-    computed in units of the standard deviation, so large ``p`` neither
-    overflows nor underflows. Gradients, in forward and reverse mode, flow
+    largest deviation, which share its gradient; for ``p > 8`` one more
+    forward, for the largest deviation). :math:`\mu_B` is exact at any
+    offset (:func:`batch_norm`'s moments) and :math:`s_B` is computed in
+    units of the standard deviation (for ``p > 8``, of the largest
+    deviation), so large ``p`` neither overflows nor underflows. An empty
+    batch returns an empty ``y`` and the state unchanged, as in
+    :func:`batch_norm`. Gradients, in forward and reverse mode, flow
     through :math:`\mu_B` and :math:`s_B` (at ``p = inf`` through the
     largest deviation).
 
@@ -635,7 +638,7 @@ def fold_batch_norm(kernel, bias, state: BatchNormState, scale=None, bn_bias=Non
     kernel = _checks.floating('kernel', kernel)
     features = kernel.shape[-1:]
     _check_state(state, features)
-    epsilon = _checks.positive('epsilon', epsilon)
+    epsilon = _checks.epsilon(epsilon, kernel.dtype)
     dtype = _moments.compute_dtype(kernel.dtype)
     factor = jax.lax.rsqrt(state.var.astype(dtype) + epsilon)
     if scale is not None:

@@ -34,7 +34,7 @@ def _params(name, value, x_shape, axes):
 
 
 def _standardize(x, scale, bias, *, axes, epsilon, center, mask, axis_name, axis_index_groups):
-    epsilon = _checks.positive('epsilon', epsilon)
+    epsilon = _checks.epsilon(epsilon, x.dtype)
     if mask is not None:
         mask = _checks.mask(mask, x.shape)
     sync = _moments.Sync.of(*_checks.axis_name(axis_name, axis_index_groups))

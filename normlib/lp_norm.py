@@ -39,12 +39,8 @@ def lp_normalize(x, p: float = 2.0, *, axis=-1, epsilon: float = 1e-12) -> jax.A
     x = _checks.floating('x', x)
     axes = _checks.axes('axis', axis, x.ndim)
     p = _checks.positive('p', p)
-    epsilon = _checks.positive('epsilon', epsilon)
+    epsilon = _checks.epsilon(epsilon, x.dtype)  # x = 0 divides by epsilon
     xf = x.astype(_moments.compute_dtype(x.dtype))
-    tiny = float(jnp.finfo(xf.dtype).tiny)
-    if epsilon < tiny:  # XLA flushes it to 0: x = 0 would give 0 / 0
-        raise ValueError(f'epsilon must be at least {tiny:g}, the smallest normal '
-                         f'{xf.dtype.name} (the dtype the norm is computed in), got {epsilon!r}.')
     y, *_ = _normalize(p, axes, epsilon, xf)
     return y.astype(x.dtype)
 
@@ -68,7 +64,7 @@ def _total(xf, p, axes):
     Never differentiated (:func:`_normalize` has its own rule)."""
     magnitude = jnp.abs(xf)
     if math.isinf(p):
-        return jnp.max(magnitude, axis=axes, keepdims=True)
+        return jnp.max(magnitude, axis=axes, keepdims=True, initial=0)
     if p == 1:
         return jnp.sum(magnitude, axis=axes, keepdims=True)
     if p == 2:
@@ -87,9 +83,13 @@ def _out_of_range(total, p, epsilon):
     """Vectors the plain formula may get wrong: a power sum (or largest entry) that
     overflowed or is huge, or a small one while ``epsilon`` is below where
     underflowed powers could matter (``epsilon < _RANGE**(-1/p)``)."""
-    risky = ~(total <= _RANGE)  # also inf and NaN
+    # The norm is checked too: for p < 1 it is a large power of the sum.
+    norm = _root(total, p)
+    risky = ~(total <= _RANGE) | ~(norm <= _RANGE)  # also inf and NaN
     if not math.isinf(p) and epsilon < _RANGE ** (-1 / p):
         risky = risky | (total < 1 / _RANGE)
+    if epsilon < 1 / _RANGE:
+        risky = risky | (norm < 1 / _RANGE)
     return risky
 
 
@@ -109,7 +109,7 @@ def _scaled(p, axes, epsilon, xf, total):
     ``total`` (the unscaled power sum) is not used.
     """
     del total
-    largest = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
+    largest = jnp.max(jnp.abs(xf), axis=axes, keepdims=True, initial=0)
     info = jnp.finfo(xf.dtype)
     _, exponent = jnp.frexp(largest)
     exponent = jnp.clip(exponent, info.minexp + 1, info.maxexp - 2)
@@ -163,7 +163,7 @@ def _normalize_jvp(p, axes, epsilon, primals, tangents):
     y, inv, r, weight = _normalize(p, axes, epsilon, xf)  # this rule again at higher orders
     if math.isinf(p):  # the largest entries, ties sharing
         magnitude = jnp.abs(xf)
-        largest = (magnitude == jnp.max(magnitude, axis=axes, keepdims=True)) & (r > 0)
+        largest = (magnitude == jnp.max(magnitude, axis=axes, keepdims=True, initial=0)) & (r > 0)
         v = jnp.where(largest, jnp.sign(xf), 0) / jnp.maximum(
             jnp.sum(largest, axis=axes, keepdims=True), 1)
     elif p == 1:

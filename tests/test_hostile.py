@@ -494,3 +494,114 @@ def test_flax_modules_under_strict_promotion(dtype):
             except Exception as error:  # noqa: BLE001
                 report.append(f'nnx {name}: {type(error).__name__}: {str(error)[:200]}')
     assert not report, '\n'.join(report)
+
+
+def _constant_features(n, features=16, seed=12):
+    """Features constant over n rows, at magnitudes from 1e-3 to 1e3 (not powers of two)."""
+    rng = np.random.default_rng(seed)
+    row = rng.normal(size=(1, features)) * 10.0 ** rng.uniform(-3, 3, size=(1, features))
+    return np.repeat(row.astype(np.float32), n, 0)
+
+
+@pytest.mark.parametrize('n', [3, 7, 10, 300, 3000])
+def test_constant_features_normalize_to_exactly_the_bias(n):
+    x = np.concatenate([_constant_features(n, seed=seed) for seed in range(8)], axis=1)
+    x = x[:, :16] if n > 100 else x
+    features = x.shape[1]
+    bias = np.linspace(-1, 1, features).astype(np.float32)
+    state = nl.init_batch_norm(features)
+    ones = np.ones(x.shape, bool)
+    outputs = {
+        'batch_norm': jax.jit(lambda x: nl.batch_norm(x, state, bias=bias, training=True)[0])(x),
+        'masked': jax.jit(lambda x: nl.batch_norm(x, state, bias=bias, training=True,
+                                                  mask=ones)[0])(x),
+        'layer_norm': jax.jit(lambda x: nl.layer_norm(x.T))(x),
+    }
+    for shards in (3, 5):  # counts that are not powers of two
+        rows = n // shards * shards
+        if rows:
+            outputs[f'sync{shards}'] = jax.vmap(
+                lambda v: nl.batch_norm(v, state, bias=bias, training=True, axis_name='b')[0],
+                axis_name='b')(x[:rows].reshape(shards, -1, features)).reshape(rows, features)
+    for name, y in outputs.items():
+        expected = np.zeros_like(y) if name == 'layer_norm' else np.broadcast_to(bias, y.shape)
+        np.testing.assert_array_equal(y, expected, err_msg=name)
+
+
+def test_constant_rows_at_the_float32_limit_give_the_bias():
+    x = np.full((4, 8), 3e38, np.float32)
+    np.testing.assert_array_equal(nl.layer_norm(x), np.zeros_like(x))
+    np.testing.assert_array_equal(nl.group_norm(x.reshape(4, 2, 4), num_groups=2),
+                                  np.zeros((4, 2, 4), np.float32))
+    np.testing.assert_array_equal(nl.rms_norm(x), np.ones_like(x))
+
+
+def test_nnx_scan_over_layers_on_constant_input_stays_exact():
+    # Flax's NNX scan-over-layers pattern on jnp.ones: every layer sees features that are
+    # constant over the batch, so each BatchNorm must return exactly its bias (0).
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(10, 10, rngs=rngs)
+            self.bn = nnn.BatchNorm(10, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.relu(self.bn(self.linear(x), use_running_average=False))
+
+    blocks = nnx.vmap(Block, in_axes=0, out_axes=0)(nnx.Rngs(0).split(5))
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def forward(block, x):
+        return block(x)
+
+    y = forward(blocks, jnp.ones((3, 10)))
+    np.testing.assert_array_equal(y, np.zeros((3, 10), np.float32))
+
+
+@pytest.mark.parametrize('p', [80, 200])
+def test_lp_batch_norm_with_large_p_neither_overflows_nor_underflows(p):
+    x = (RNG.normal(size=(512, 3)) * 3 + 1).astype(np.float32)
+    y, state = nl.lp_batch_norm(x, nl.init_batch_norm(3), p=p, training=True, momentum=0.0)
+    d = np.abs(x.astype(np.float64) - x.mean(0))
+    top = d.max(0)
+    spread = top * np.mean((d / top) ** p, 0) ** (1 / p)
+    np.testing.assert_allclose(np.sqrt(state.var), spread, rtol=1e-5)
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(spread ** 2 + 1e-5), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_lp_batch_norm_inf_on_an_empty_batch_returns_an_empty_y():
+    state = nl.init_batch_norm(3)
+    y, new = nl.lp_batch_norm(jnp.zeros((0, 3)), state, p=float('inf'), training=True)
+    assert y.shape == (0, 3)
+    np.testing.assert_array_equal(new.mean, state.mean)
+    np.testing.assert_array_equal(new.var, state.var)
+
+
+def test_lp_normalize_checks_the_range_of_the_norm_not_only_of_the_power_sum():
+    # p = 0.5: the power sum of five entries of 3e37 is 2.7e19, its square 7.5e38 overflows.
+    y = nl.lp_normalize(jnp.full((5,), 3e37), p=0.5)
+    np.testing.assert_allclose(y, np.full(5, 1 / 25), rtol=1e-6)
+
+
+@pytest.mark.parametrize('fn', [
+    lambda x, e: nl.layer_norm(x, epsilon=e), lambda x, e: nl.rms_norm(x, epsilon=e),
+    lambda x, e: nl.batch_norm(x, nl.init_batch_norm(4), training=True, epsilon=e)[0],
+    lambda x, e: nl.group_norm(x, num_groups=2, epsilon=e),
+    lambda x, e: nl.lp_normalize(x, epsilon=e)])
+def test_epsilon_that_xla_flushes_to_zero_is_rejected(fn):
+    with pytest.raises(ValueError, match='epsilon must be at least 1.17549e-38'):
+        fn(jnp.ones((2, 4)), 1e-45)
+    assert np.isfinite(np.asarray(fn(jnp.ones((2, 4)), 1.2e-38))).all()
+
+
+@pytest.mark.parametrize('shape', [(3, 0), (2, 0, 4)])
+@pytest.mark.parametrize('name', ['layer_norm', 'rms_norm', 'group_norm', 'instance_norm',
+                                  'lp_normalize', 'linf_normalize'])
+def test_zero_size_reduced_axis_gives_an_empty_output(name, shape):
+    fn = {'layer_norm': nl.layer_norm, 'rms_norm': nl.rms_norm,
+          'group_norm': lambda x: nl.group_norm(x, num_groups=1),
+          'instance_norm': nl.instance_norm, 'lp_normalize': nl.lp_normalize,
+          'linf_normalize': lambda x: nl.lp_normalize(x, p=float('inf'))}[name]
+    x = jnp.zeros(shape)
+    assert fn(x).shape == shape
+    assert jax.jit(fn)(x).shape == shape
