@@ -19,6 +19,17 @@ What differs from ``eqx.nn.BatchNorm`` (and why):
   mean-0/var-1 prior. ``eqx.nn.BatchNorm``'s ``'batch'`` mode divides an
   average that started at var 1 by ``1 - momentum**t``, which inflates the
   running variance (5.5x after 20 steps at ``momentum=0.99`` on unit data).
+* The running statistics are float32 or wider whatever ``dtype`` is:
+  ``dtype=jnp.bfloat16`` (or float16) gives parameters of that dtype, as
+  ``eqx.nn.BatchNorm``'s, and float32 statistics, where Equinox keeps them
+  in bfloat16. Outputs have the input's dtype (Equinox's is the input's
+  promoted with the parameters').
+* The state has ``eqx.nn.BatchNorm``'s layout for ``mode='batch'``
+  (``batch_state_index`` holds ``(mean, var)``, ``batch_counter`` the
+  number of updates; the ``ema_*`` indices are None), but
+  ``batch_state_index`` holds the statistics themselves, used as they are
+  for inference, not Equinox's averages that await division by
+  ``1 - momentum**counter``.
 * ``momentum=None`` keeps the exact average of all batches; ``mask=``
   leaves padding out of the statistics; statistics are exact at any offset
   and across devices (``axis_name`` may name ``pmap``/``shard_map`` axes too).
@@ -35,12 +46,14 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 
+from normlib import _moments
 from normlib.batch_norm import BatchNormState, batch_norm, init_batch_norm
 from normlib.layer_norm import group_norm, layer_norm, rms_norm
 
 
 def _float_dtype(dtype):
-    return jnp.zeros((), jnp.float32).dtype if dtype is None else jnp.dtype(dtype)
+    """``dtype``, or Equinox's default: float64 under ``jax_enable_x64``, else float32."""
+    return jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -81,9 +94,19 @@ class BatchNorm(eqx.nn.StatefulLayer):
         average of all batches.
       inference: normalize with the running statistics (can be overridden
         per call, or with ``eqx.nn.inference_mode``).
-      dtype: dtype of ``weight``/``bias`` and of the running statistics
-        (float32 by default).
+      dtype: dtype of ``weight``/``bias`` (float32, or float64 under
+        ``jax_enable_x64``, by default); the running statistics have this
+        dtype or float32, whichever is wider.
       mode: ``'batch'`` (the only mode; see the module docstring).
+
+    Attributes:
+      batch_state_index: the ``eqx.nn.StateIndex`` of the running
+        ``(mean, var)``, each of shape ``(input_size,)``; ``state_index`` is
+        another name for it (older Equinox's, before ``mode``).
+      batch_counter: the ``eqx.nn.StateIndex`` of the int32 number of
+        training updates so far.
+      ema_first_time_index, ema_state_index: None, as in
+        ``eqx.nn.BatchNorm(mode='batch')``.
 
     Example:
         >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -94,13 +117,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
         ...                     out_axes=(0, None))(x, state)
         >>> print((jnp.round(y.mean((0, 2)), 4) + 0).tolist())
         [0.0, 0.0, 0.0]
-        >>> mean, var, count = state.get(bn.state_index)
+        >>> mean, var = state.get(bn.batch_state_index)
         >>> bool(jnp.allclose(var, x.var((0, 2)), rtol=1e-5))  # the first batch, debiased
         True
     """
     weight: Any
     bias: Any
-    state_index: eqx.nn.StateIndex
+    ema_first_time_index: None
+    ema_state_index: None
+    batch_counter: eqx.nn.StateIndex
+    batch_state_index: eqx.nn.StateIndex
     axis_name: Hashable | Sequence[Hashable]
     inference: bool
     input_size: int = eqx.field(static=True)
@@ -121,7 +147,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
         dtype = _float_dtype(dtype)
         self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
         self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
-        self.state_index = eqx.nn.StateIndex(init_batch_norm(input_size, dtype))
+        # Statistics in float32 or wider: half-precision running averages lose
+        # every batch's contribution below their resolution.
+        stats = init_batch_norm(input_size, _moments.compute_dtype(dtype))
+        self.ema_first_time_index = self.ema_state_index = None
+        self.batch_counter = eqx.nn.StateIndex(stats.count)
+        self.batch_state_index = eqx.nn.StateIndex((stats.mean, stats.var))
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -129,6 +160,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
         self.mode = mode
+
+    @property
+    def state_index(self) -> eqx.nn.StateIndex:
+        """``batch_state_index`` by older Equinox's name (before ``mode``)."""
+        return self.batch_state_index
 
     def __call__(self, x, state: eqx.nn.State, *, key=None, inference: bool | None = None,
                  mask=None):
@@ -144,13 +180,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """
         del key
         inference = self.inference if inference is None else inference
-        stats: BatchNormState = state.get(self.state_index)
+        stats = BatchNormState(*state.get(self.batch_state_index), state.get(self.batch_counter))
         y, new = batch_norm(x, stats, self.weight, self.bias, training=not inference, axis=0,
                             momentum=self.momentum, epsilon=self.eps,
                             axis_name=None if inference else self.axis_name, mask=mask,
                             zero_debias=self.momentum is not None)
         if not inference:
-            state = state.set(self.state_index, new)
+            state = state.set(self.batch_state_index, (new.mean, new.var))
+            state = state.set(self.batch_counter, new.count)
         return y, state
 
 
@@ -210,9 +247,16 @@ class RMSNorm(eqx.Module):
         """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
         del key
         _check_shape('RMSNorm', x, self.shape)
-        y = rms_norm(x, self.weight, axis=tuple(range(x.ndim)), epsilon=self.eps, mask=mask)
-        if self.bias is not None:
-            y = (y + self.bias).astype(y.dtype)
+        axes = tuple(range(x.ndim))
+        if self.bias is None:
+            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps, mask=mask)
+        else:
+            # rms_norm takes no bias: add it in the compute dtype, so that y is
+            # rounded to x's dtype once (rounding before the sum loses the
+            # digits that cancel).
+            wide = _moments.compute_dtype(x.dtype)
+            y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps, mask=mask)
+            y = (y + self.bias.astype(wide)).astype(x.dtype)
         return y if state is None else (y, state)
 
 

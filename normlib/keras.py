@@ -7,8 +7,13 @@ defaults (``momentum=0.99``, ``epsilon=1e-3``, initializers, regularizers,
 constraints), the same weights in the same order (``gamma``, ``beta``,
 ``moving_mean``, ``moving_variance``), ``get_config``/``from_config``,
 ``.keras`` saving, ``training=`` and ``trainable=False`` (a frozen
-``BatchNormalization`` runs in inference mode, as Keras's). A model moves
-over by changing its import, and existing weights load unchanged.
+``BatchNormalization`` runs in inference mode, as Keras's). Every Keras dtype
+policy (``'float32'``, ``'bfloat16'``, ``'float16'``, ``'mixed_bfloat16'``,
+``'mixed_float16'``) gives the variable and output dtypes of Keras's layer;
+the statistics are computed in float32 (or wider) whatever the policy, and
+integer or boolean inputs are cast to float32, as Keras's
+``BatchNormalization`` casts them. A model moves over by changing its
+import, and existing weights load unchanged.
 
 What normlib adds:
 
@@ -52,6 +57,20 @@ def _value(variable):
     return None if variable is None else jnp.asarray(variable.value)
 
 
+def _floating(inputs):
+    # Keras computes integer and boolean inputs in result_type(dtype, 'float32'),
+    # which is float32; normlib's functions take floating inputs only.
+    x = jnp.asarray(inputs)
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.float32)
+
+
+def _statistic(variable):
+    # normlib's state is float32 or wider; a 'bfloat16' or 'float16' policy
+    # stores Keras's moving statistics in that dtype.
+    value = jnp.asarray(variable.value)
+    return value.astype(jnp.promote_types(value.dtype, jnp.float32))
+
+
 @_register
 class BatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` computed by :func:`normlib.batch_norm`.
@@ -60,9 +79,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
     batch's moments (biased variance) and updates
     ``moving = momentum * moving + (1 - momentum) * batch``; otherwise the
     moving statistics are used: ``y = (x - mean) / sqrt(var + epsilon) *
-    gamma + beta``, in float32 for narrower inputs, returned in the layer's
-    compute dtype. ``mask`` has one dimension less than the input (Keras's
-    convention); False entries are left out of the moments.
+    gamma + beta``, in float32 for narrower inputs (integers are cast to
+    float32), returned in the layer's compute dtype. ``mask`` has one
+    dimension less than the input (Keras's convention); False entries are
+    left out of the moments. A feature with no valid entry (an all-False
+    mask) is normalized with the moving statistics and leaves them unchanged;
+    Keras's takes its batch moments to be 0 and moves them toward 0.
+
+    The variables have the dtype policy's variable dtype, as Keras's: under
+    ``'mixed_bfloat16'`` or ``'mixed_float16'`` the moving statistics are
+    float32; under ``'bfloat16'`` or ``'float16'`` they are stored in that
+    dtype, so each update is rounded to it (as Keras's are), and they are
+    widened to float32 for the computation.
 
     Example:
         >>> import os; os.environ.setdefault('KERAS_BACKEND', 'jax')
@@ -92,16 +120,16 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 'The mask provided should be one dimension less than the inputs. Received:'
                 f' mask.shape={mask.shape}, inputs.shape={inputs.shape}')
         train = bool(training) and self.trainable
-        state = BatchNormState(_value(self.moving_mean), _value(self.moving_variance),
+        state = BatchNormState(_statistic(self.moving_mean), _statistic(self.moving_variance),
                                jnp.zeros((), jnp.int32))
         y, new = batch_norm(
-            jnp.asarray(inputs), state, _value(self.gamma) if self.scale else None,
+            _floating(inputs), state, _value(self.gamma) if self.scale else None,
             _value(self.beta) if self.center else None, training=train, axis=self.axis,
             momentum=self.momentum, epsilon=self.epsilon,
             mask=None if mask is None else jnp.asarray(mask)[..., None])
         if train:
-            self.moving_mean.assign(new.mean)
-            self.moving_variance.assign(new.var)
+            self.moving_mean.assign(new.mean.astype(self.moving_mean.dtype))
+            self.moving_variance.assign(new.var.astype(self.moving_variance.dtype))
         return keras.ops.cast(y, self.compute_dtype)
 
 
@@ -110,7 +138,8 @@ class LayerNormalization(keras.layers.LayerNormalization):
     """``keras.layers.LayerNormalization`` computed by :func:`normlib.layer_norm`.
 
     ``y = (x - mean) / sqrt(var + epsilon) * gamma + beta`` with the moments
-    over ``axis`` (Keras's normalized axes), float32 statistics.
+    over ``axis`` (Keras's normalized axes), float32 statistics (integer
+    inputs are cast to float32), returned in the layer's compute dtype.
     """
 
     def __init__(self, *args, **kwargs):
@@ -121,7 +150,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
     def call(self, inputs):
         axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
-        y = layer_norm(jnp.asarray(inputs), _value(self.gamma), _value(self.beta),
+        y = layer_norm(_floating(inputs), _value(self.gamma), _value(self.beta),
                        axis=tuple(axes), epsilon=self.epsilon)
         return keras.ops.cast(y, self.compute_dtype)
 
@@ -136,7 +165,7 @@ class GroupNormalization(keras.layers.GroupNormalization):
     """
 
     def call(self, inputs):
-        x = jnp.moveaxis(jnp.asarray(inputs), self.axis, -1)  # group_norm is channels-last
+        x = jnp.moveaxis(_floating(inputs), self.axis, -1)  # group_norm is channels-last
         channels = x.shape[-1]
         groups = channels if self.groups == -1 else self.groups
         y = group_norm(x, _value(self.gamma) if self.scale else None,
@@ -152,7 +181,7 @@ class UnitNormalization(keras.layers.UnitNormalization):
 
     def call(self, inputs):
         axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
-        y = l2_normalize(jnp.asarray(inputs), axis=tuple(axes), epsilon=1e-12)
+        y = l2_normalize(_floating(inputs), axis=tuple(axes), epsilon=1e-12)
         return keras.ops.cast(y, self.compute_dtype)
 
 
@@ -165,6 +194,6 @@ if hasattr(keras.layers, 'RMSNormalization'):
 
         def call(self, x):
             axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
-            y = rms_norm(jnp.asarray(x), _value(self.scale), axis=tuple(axes),
+            y = rms_norm(_floating(x), _value(self.scale), axis=tuple(axes),
                          epsilon=self.epsilon)
             return keras.ops.cast(y, self.compute_dtype)

@@ -4,15 +4,22 @@
 record the inputs of every BatchNorm (normlib's and Flax's), and replace its
 running statistics with their exact moments, merged batch by batch as in
 :func:`normlib.precise_batch_stats`.
+
+Each call's moments are recorded where the layer keeps its running
+statistics (in ``batch_stats`` for Linen, as an ``nnx.BatchStat`` for NNX)
+and shaped as they are, so lifted transforms (``nn.scan``, ``nn.vmap``,
+``nnx.scan``, ``nnx.vmap``) stack them along the same axes: every layer of a
+scanned stack and every member of an ensemble gets the moments of its own
+inputs.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 from flax import traverse_util
@@ -24,19 +31,35 @@ from normlib import precise
 
 _LINEN_BATCH_NORMS = (normlib_linen.BatchNorm, nn.BatchNorm)
 _NNX_BATCH_NORMS = (normlib_nnx.BatchNorm, nnx.BatchNorm)
-_COLLECTION = 'precise_batch_stats'
+_RECORD = 'precise_moments'  # the Linen variable, in batch_stats, of the recorded calls
 
 
-def _check_training(module, name, args, kwargs):
-    """Raises unless the BatchNorm call ``(x, *args, **kwargs)`` uses batch statistics."""
-    flag = args[0] if args else kwargs.get('use_running_average')
-    if flag is None:
-        flag = module.use_running_average
-    if flag:
+def _call_moments(x, axis, mask):
+    """One call's moments, shaped as the layer's running statistics."""
+    return jax.tree.map(lambda m: m[0], precise.feature_moments(x, axis, mask))
+
+
+def _calls(rows):
+    """A layer's recorded calls, one row each."""
+    return precise.stacked([jax.tree.map(lambda m: m[None], row) for row in rows])
+
+
+def _count(total, count):
+    """The new ``count`` (one per feature, as the running statistics): the
+    number of batches with a valid entry where the feature had one, else the
+    old count."""
+    seen = total.moments.count.reshape(count.shape) > 0
+    return jnp.where(seen, total.batches, count).astype(count.dtype)
+
+
+def _check_training(path, updated):
+    """Raises unless the BatchNorm at ``path`` updated its running statistics,
+    which it does when it normalizes with the batch's."""
+    if not updated:
         raise ValueError(
-            f'{name} normalizes with its running averages, but precise statistics need the'
-            ' model in training mode: pass its training flag (e.g. train=True), or'
-            ' use_running_average=False.')
+            f"The BatchNorm at '{path}' normalized with its running averages, but precise"
+            ' statistics need the model in training mode: pass its training flag (e.g.'
+            ' train=True), or use_running_average=False.')
 
 
 def precise_linen(model: nn.Module, variables, batches: Iterable[Any], *,
@@ -49,17 +72,26 @@ def precise_linen(model: nn.Module, variables, batches: Iterable[Any], *,
     :class:`normlib.linen.BatchNorm` and ``flax.linen.BatchNorm`` called with
     the exact moments of that layer's inputs over all batches (see
     :func:`precise_batch_stats`); ``count``, where the layer keeps one
-    (``momentum=None``), becomes the number of batches. The variance is
-    biased unless the layer has ``unbiased_running_var``. Layers never
-    called, and features without a valid entry, keep their statistics.
+    (``momentum=None``), becomes the number of batches with a valid entry,
+    at every feature that had one. The variance is biased unless the layer
+    has ``unbiased_running_var``. Layers never called, and features without
+    a valid entry, keep their statistics.
+
+    BatchNorms inside lifted transforms, e.g. ``nn.scan`` over layers or
+    ``nn.vmap`` ensembles with ``batch_stats`` in ``variable_axes``, have
+    stacked statistics; each stacked layer or member gets the moments of its
+    own inputs, written at its index (its ``count`` too). The moments are
+    recorded in ``batch_stats``, so the transforms must map that collection
+    (as training with batch statistics needs anyway).
 
     The model runs in training mode, as for PyTorch's
     ``torch.optim.swa_utils.update_bn`` and Wu & Johnson's PreciseBN:
     ``apply_kwargs`` must make every BatchNorm use batch statistics (e.g.
     ``train=True``), so each layer's inputs are those it sees in training,
-    after the earlier layers normalized with the batch's own moments (a
-    ValueError says which layer is in evaluation mode otherwise). The
-    per-batch work runs under ``jax.jit`` and ``variables`` is not modified.
+    after the earlier layers normalized with the batch's own moments. A
+    layer that normalizes with its running averages leaves them unchanged,
+    and a ValueError names it. The per-batch work runs under ``jax.jit`` and
+    ``variables`` is not modified.
     BatchNorms with an ``axis_name`` need it bound, so only models without
     one (or ``method``\\ s that bind it) work here.
 
@@ -98,21 +130,23 @@ def precise_linen(model: nn.Module, variables, batches: Iterable[Any], *,
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == '__call__' and isinstance(module, _LINEN_BATCH_NORMS):
-            path = module.scope.path
-            x, rest = (args[0], args[1:]) if args else (kwargs['x'], ())
-            _check_training(module, f"The BatchNorm at '{'/'.join(path)}'", rest, kwargs)
-            module.sow(_COLLECTION, 'moments', precise.feature_moments(x, module.axis,
-                                                                kwargs.get('mask')))
-            unbiased[path] = getattr(module, 'unbiased_running_var', False)
-        return next_fun(*args, **kwargs)
+        if context.method_name != '__call__' or not isinstance(module, _LINEN_BATCH_NORMS):
+            return next_fun(*args, **kwargs)
+        before = module.get_variable('batch_stats', 'mean')
+        y = next_fun(*args, **kwargs)
+        path = module.scope.path
+        _check_training('/'.join(path), module.get_variable('batch_stats', 'mean') is not before)
+        x = args[0] if args else kwargs['x']
+        module.sow('batch_stats', _RECORD, _call_moments(x, module.axis, kwargs.get('mask')))
+        unbiased[path] = getattr(module, 'unbiased_running_var', False)
+        return y
 
     def batch_moments(batch, variables):
         with nn.intercept_methods(record):
-            _, state = model.apply(variables, batch, method=method,
-                                   mutable=['batch_stats', _COLLECTION], **apply_kwargs)
-        sown = traverse_util.flatten_dict(frozen_dict.unfreeze(state.get(_COLLECTION, {})))
-        return {path[:-1]: precise.stacked(rows) for path, rows in sown.items()}
+            _, state = model.apply(variables, batch, method=method, mutable='batch_stats',
+                                   **apply_kwargs)
+        stats = traverse_util.flatten_dict(frozen_dict.unfreeze(state.get('batch_stats', {})))
+        return {path[:-1]: _calls(rows) for path, rows in stats.items() if path[-1] == _RECORD}
 
     totals = precise.merge_batches(jax.jit(batch_moments), batches, progress, variables)
     stats = traverse_util.flatten_dict(frozen_dict.unfreeze(variables['batch_stats']))
@@ -120,27 +154,34 @@ def precise_linen(model: nn.Module, variables, batches: Iterable[Any], *,
         stats[path + ('mean',)], stats[path + ('var',)] = precise.finish(
             total, stats[path + ('mean',)], stats[path + ('var',)], unbiased[path])
         if path + ('count',) in stats:
-            stats[path + ('count',)] = total.batches.astype(stats[path + ('count',)].dtype)
+            stats[path + ('count',)] = _count(total, stats[path + ('count',)])
     return frozen_dict.copy(variables, {'batch_stats': traverse_util.unflatten_dict(stats)})
 
 
-class _Sown(nnx.Intermediate):
-    """BatchNorm input moments recorded by :func:`precise_nnx`."""
+class _Sown(nnx.BatchStat):
+    """BatchNorm input moments recorded by :func:`precise_nnx`: a BatchStat, so
+    that transforms map them as they map the layer's running statistics."""
 
 
-@functools.cache
-def _recording(cls):
-    """A subclass of the BatchNorm ``cls`` that sows its input's moments."""
+class _Recording(nnx.Module):
+    """Calls a BatchNorm and sows its input's moments."""
 
-    class Recording(cls):
-        def __call__(self, x, *args, mask=None, **kwargs):
-            _check_training(self, f'A {cls.__name__} called with use_running_average=True',
-                            args, kwargs)
-            self.sow(_Sown, 'moments', precise.feature_moments(x, self.axis, mask))
-            return super().__call__(x, *args, mask=mask, **kwargs)
+    def __init__(self, layer, path):
+        self.layer = layer
+        self.path = path
 
-    Recording.__name__ = Recording.__qualname__ = f'Recording{cls.__name__}'
-    return Recording
+    def __call__(self, x, *args, mask=None, **kwargs):
+        before = self.layer.mean.get_value()
+        y = self.layer(x, *args, mask=mask, **kwargs)
+        _check_training(self.path, self.layer.mean.get_value() is not before)
+        self.sow(_Sown, 'moments', _call_moments(x, self.layer.axis, mask))
+        return y
+
+
+def _recording(path, node):
+    """``node``, behind a :class:`_Recording` if it is a BatchNorm."""
+    return (_Recording(node, '/'.join(map(str, path)))
+            if isinstance(node, _NNX_BATCH_NORMS) else node)
 
 
 def _batch_norms(model):
@@ -157,17 +198,28 @@ def precise_nnx(model: nnx.Module, batches: Iterable[Any], *,
     sets ``mean`` and ``var`` of every :class:`normlib.nnx.BatchNorm` and
     ``flax.nnx.BatchNorm`` called to the exact moments of that layer's inputs
     over all batches (see :func:`precise_batch_stats`); ``count``, where the
-    layer keeps one (``momentum=None``), becomes the number of batches. The
-    variance is biased unless the layer has ``unbiased_running_var``. Layers
-    never called, and features without a valid entry, keep their statistics.
+    layer keeps one (``momentum=None``), becomes the number of batches with
+    a valid entry, at every feature that had one. The variance is biased
+    unless the layer has ``unbiased_running_var``. Layers never called, and
+    features without a valid entry, keep their statistics.
+
+    BatchNorms with stacked statistics, e.g. created with ``nnx.vmap`` and
+    called in ``nnx.scan`` over layers or ``nnx.vmap`` over ensemble
+    members, get the moments of each layer's or member's own inputs, written
+    at its index (its ``count`` too). The moments are recorded as an
+    ``nnx.BatchStat``, so the transforms must map BatchStats (as training
+    with batch statistics needs anyway).
 
     The model runs in training mode on a view (``nnx.view`` with
     ``use_running_average=False`` and ``deterministic=False``, what
     ``.train()`` sets), as for PyTorch's ``torch.optim.swa_utils.update_bn``
     and Wu & Johnson's PreciseBN: each layer's inputs are those it sees in
     training, after the earlier layers normalized with the batch's own
-    moments. The model's own modes are left as they were, and its other
-    ``nnx.BatchStat`` variables are restored; random streams (dropout)
+    moments; a layer called with ``use_running_average=True`` leaves its
+    running averages unchanged, and a ValueError names it. The view's
+    BatchNorms are called through recording modules in a copy of it, so the
+    model's modules, modes and classes are left as they were; its other
+    ``nnx.BatchStat`` variables are restored, and random streams (dropout)
     advance. The per-batch work runs under ``nnx.jit``.
 
     Args:
@@ -197,15 +249,14 @@ def precise_nnx(model: nnx.Module, batches: Iterable[Any], *,
     call = (lambda model, batch: model(batch)) if call is None else call
     view = nnx.view(model, use_running_average=False, deterministic=False,
                     raise_if_not_found=False)
-    # NNX has no method interceptors; the view's BatchNorms are copies of the
-    # model's, so only they become recording ones.
-    for layer in _batch_norms(view).values():
-        layer.__class__ = _recording(type(layer))
+    # NNX has no method interceptors: a copy of the view, sharing its
+    # Variables, calls every BatchNorm through a recording module instead.
+    view = nnx.recursive_map(_recording, view)
 
     @nnx.jit
     def batch_moments(batch, view):
         _, sown = nnx.capture(call, _Sown)(view, batch)
-        return {'/'.join(map(str, path[:-1])): precise.stacked(rows.get_value())
+        return {'/'.join(map(str, path[:-1])): _calls(rows.get_value())
                 for path, rows in nnx.to_flat_state(sown)}
 
     # A snapshot: nnx.state shares the model's Variables.
@@ -221,4 +272,4 @@ def precise_nnx(model: nnx.Module, batches: Iterable[Any], *,
             totals[key], layer.mean[...], layer.var[...],
             getattr(layer, 'unbiased_running_var', False))
         if hasattr(layer, 'count'):
-            layer.count[...] = totals[key].batches.astype(layer.count.dtype)
+            layer.count[...] = _count(totals[key], layer.count[...])

@@ -1,5 +1,7 @@
 """normlib.equinox against equinox.nn (oracle) and float64 NumPy written here."""
 
+import dataclasses
+import io
 import warnings
 
 import jax
@@ -39,8 +41,8 @@ def test_batch_norm_training_outputs_equal_equinox_and_the_variance_is_not_infla
     # Reference: the zero-debiased EMA, sum_t m**(T-1-t) (1 - m) v_t / (1 - m**T).
     m, steps = 0.99, len(batch_vars)
     weights = np.array([m ** (steps - 1 - t) * (1 - m) for t in range(steps)]) / (1 - m ** steps)
-    mean, var, count = our_state.get(ours.state_index)
-    assert int(count) == steps
+    mean, var = our_state.get(ours.batch_state_index)
+    assert int(our_state.get(ours.batch_counter)) == steps
     np.testing.assert_allclose(var, weights @ np.array(batch_vars), rtol=1e-5)
     np.testing.assert_allclose(mean, weights @ np.array(batch_means), atol=1e-6)
     # Equinox's debiased average started at var 1: its variance is inflated.
@@ -81,10 +83,10 @@ def test_batch_norm_mask_momentum_none_and_nested_axes():
     mean = (w * x64).sum((0, 1, 3)) / n
     var = (w * (x64 - mean[:, None]) ** 2).sum((0, 1, 3)) / n
     np.testing.assert_allclose(y, (x64 - mean[:, None]) / np.sqrt(var[:, None] + 1e-5), atol=2e-5)
-    got_mean, got_var, count = new.get(bn.state_index)
+    got_mean, got_var = new.get(bn.batch_state_index)
     np.testing.assert_allclose(got_mean, mean, rtol=1e-5)
     np.testing.assert_allclose(got_var, var, rtol=1e-5)
-    assert int(count) == 1
+    assert int(new.get(bn.batch_counter)) == 1
 
 
 def test_batch_norm_gradients_and_jit():
@@ -104,6 +106,105 @@ def test_batch_norm_gradients_and_jit():
 def test_batch_norm_rejects_ema_mode():
     with pytest.raises(ValueError, match="mode='ema'.*not implemented"):
         neqx.BatchNorm(3, 'batch', mode='ema')
+
+
+def assert_rounded_once(y, expected, dtype, what=''):
+    """``y`` has ``dtype`` and is float64 ``expected`` rounded once to it (half an ulp)."""
+    assert y.dtype == dtype, what
+    expected = np.asarray(expected, np.float64)
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - jnp.finfo(dtype).nmant)
+    error = np.abs(np.asarray(y, np.float64) - expected)
+    assert (error <= 0.5 * ulp + 1e-5 * np.abs(expected) + 1e-6).all(), (what, (error / ulp).max())
+
+
+def output_dtype(model, state, x, **kwargs):
+    return jax.eval_shape(lambda v: run_bn(model, state, v, **kwargs), x)[0].dtype
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_batch_norm_half_precision_dtype_side_by_side_with_equinox(dtype):
+    ours, our_state = eqx.nn.make_with_state(neqx.BatchNorm)(3, 'batch', dtype=dtype)
+    theirs, their_state = eqx_bn(3, dtype=dtype)
+    for name in ('weight', 'bias'):  # parameters in the requested dtype, as Equinox's
+        assert getattr(ours, name).dtype == getattr(theirs, name).dtype == dtype
+    # Running statistics: float32 here, where Equinox keeps them in dtype.
+    for got, their in zip(our_state.get(ours.batch_state_index),
+                          their_state.get(theirs.batch_state_index)):
+        assert (got.shape, got.dtype, their.dtype) == (their.shape, jnp.float32, dtype)
+    assert our_state.get(ours.batch_counter).dtype == their_state.get(theirs.batch_counter).dtype
+    x = jnp.asarray(RNG.standard_normal((16, 3, 4)) * 3 + 5, dtype)
+    x64 = np.asarray(x, np.float64)
+    mean, var = x64.mean((0, 2)), x64.var((0, 2))
+    assert output_dtype(theirs, their_state, x) == dtype
+    y, our_state = eqx.filter_jit(run_bn)(ours, our_state, x)
+    assert_rounded_once(y, (x64 - mean[:, None]) / np.sqrt(var[:, None] + 1e-5), dtype)
+    got_mean, got_var = our_state.get(ours.batch_state_index)
+    assert got_mean.dtype == got_var.dtype == jnp.float32
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(got_var, var, rtol=1e-5)
+    assert int(our_state.get(ours.batch_counter)) == 1
+    x = jnp.asarray(RNG.standard_normal((8, 3, 4)) * 3 + 5, dtype)
+    assert output_dtype(theirs, their_state, x, inference=True) == dtype
+    y, _ = eqx.filter_jit(run_bn)(ours, our_state, x, inference=True)
+    expected = (np.asarray(x, np.float64) - np.asarray(got_mean, np.float64)[:, None]) / np.sqrt(
+        np.asarray(got_var, np.float64)[:, None] + 1e-5)
+    assert_rounded_once(y, expected, dtype)
+    # Float32 parameters and a half-precision input: the output keeps the
+    # input's dtype, where Equinox's is promoted to float32.
+    ours, our_state = eqx.nn.make_with_state(neqx.BatchNorm)(3, 'batch')
+    theirs, their_state = eqx_bn(3)
+    assert output_dtype(ours, our_state, x) == dtype
+    assert output_dtype(theirs, their_state, x) == jnp.float32
+
+
+def test_batch_norm_has_equinox_attributes_and_runs_code_written_for_equinox():
+    ours, theirs = neqx.BatchNorm(3, 'batch', momentum=0.9), eqx_bn(3, momentum=0.9)[0]
+    for field in dataclasses.fields(eqx.nn.BatchNorm):
+        got, their = getattr(ours, field.name), getattr(theirs, field.name)
+        if isinstance(their, eqx.nn.StateIndex):
+            assert isinstance(got, eqx.nn.StateIndex), field.name
+        elif isinstance(their, jax.Array):
+            np.testing.assert_array_equal(got, their, err_msg=field.name)
+        else:  # the ema_* indices are None, as with Equinox's mode='batch'
+            assert got == their, field.name
+
+    @eqx.filter_jit
+    def load_evaluate_and_train(make, mean, var, x):
+        """Written against eqx.nn.BatchNorm: loads statistics, evaluates, trains a step."""
+        bn, state = eqx.nn.make_with_state(make)(3, 'batch', mode='batch')
+        assert bn.ema_state_index is None and bn.ema_first_time_index is None
+        hidden_mean, hidden_var = state.get(bn.batch_state_index)
+        counter = state.get(bn.batch_counter)
+        state = state.set(bn.batch_state_index, (mean.astype(hidden_mean.dtype),
+                                                 var.astype(hidden_var.dtype)))
+        y, state = run_bn(bn, state, x, inference=True)
+        _, state = run_bn(bn, state, x)
+        return y, counter, state.get(bn.batch_counter), state.get(bn.batch_state_index)
+
+    mean, var = RNG.standard_normal(3), RNG.random(3) + 0.5
+    x = jnp.asarray(RNG.standard_normal((8, 3, 4)) + 1, jnp.float32)
+    expected = (np.asarray(x, np.float64) - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
+    for make in (neqx.BatchNorm, eqx.nn.BatchNorm):
+        y, before, after, stats = load_evaluate_and_train(make, jnp.asarray(mean, jnp.float32),
+                                                          jnp.asarray(var, jnp.float32), x)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6, err_msg=str(make))
+        assert (int(before), int(after)) == (0, 1)
+        assert [(v.shape, v.dtype) for v in stats] == [((3,), jnp.float32)] * 2
+    # Older Equinox's name (before mode=) for the running statistics.
+    bn, state = eqx.nn.make_with_state(neqx.BatchNorm)(3, 'batch')
+    assert bn.state_index is bn.batch_state_index
+    np.testing.assert_array_equal(state.get(bn.state_index)[1], np.ones(3))
+    # An Equinox checkpoint (mode='batch') has the same leaves: it loads as it is.
+    theirs, their_state = eqx_bn(3)
+    their_state = their_state.set(theirs.batch_counter, jnp.array(3))
+    their_state = their_state.set(theirs.batch_state_index, (jnp.asarray(mean, jnp.float32),
+                                                             jnp.asarray(var, jnp.float32)))
+    checkpoint = io.BytesIO()
+    eqx.tree_serialise_leaves(checkpoint, (theirs, their_state))
+    checkpoint.seek(0)
+    bn, state = eqx.tree_deserialise_leaves(checkpoint, (bn, state))
+    assert int(state.get(bn.batch_counter)) == 3
+    np.testing.assert_allclose(state.get(bn.batch_state_index), (mean, var), rtol=1e-7)
 
 
 @pytest.mark.parametrize('offset', [0.0, 1e6])
@@ -130,18 +231,63 @@ def test_layer_rms_and_group_norm_match_equinox_and_float64(offset):
     assert same is state
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_layer_rms_and_group_norm_half_precision_dtype_side_by_side_with_equinox(dtype):
+    x = jnp.asarray(RNG.standard_normal((4, 6, 5)) * 3 + 5, dtype)
+    x64 = np.asarray(x, np.float64)
+    w, b = (np.asarray(jnp.asarray(RNG.standard_normal((6, 5)), dtype), np.float64)
+            for _ in range(2))
+    standard = (x64 - x64.mean((1, 2), keepdims=True)) / np.sqrt(
+        x64.var((1, 2), keepdims=True) + 1e-5)
+    rms = x64 / np.sqrt((x64 ** 2).mean((1, 2), keepdims=True) + 1e-5)
+    grouped = x64.reshape(4, 2, 15)
+    grouped = ((grouped - grouped.mean(2, keepdims=True)) / np.sqrt(
+        grouped.var(2, keepdims=True) + 1e-5)).reshape(x.shape)
+    cases = ((neqx.LayerNorm, eqx.nn.LayerNorm, ((6, 5),), w, b, standard * w + b),
+             (neqx.RMSNorm, eqx.nn.RMSNorm, ((6, 5),), w, b, rms * w + b),
+             (neqx.GroupNorm, eqx.nn.GroupNorm, (2, 6), w[:, :1], b[:, :1],
+              grouped * w[:, :1] + b[:, :1]))
+    for ours_type, their_type, args, weight, bias, expected in cases:
+        ours, theirs = ours_type(*args, dtype=dtype), their_type(*args, dtype=dtype)
+        assert ours.weight.dtype == theirs.weight.dtype == ours.bias.dtype == dtype
+        weight, bias = (jnp.asarray(v.reshape(ours.weight.shape), dtype) for v in (weight, bias))
+        ours = eqx.tree_at(lambda m: (m.weight, m.bias), ours, (weight, bias))
+        theirs = eqx.tree_at(lambda m: (m.weight, m.bias), theirs, (weight, bias))
+        assert jax.eval_shape(jax.vmap(theirs), x).dtype == dtype
+        assert_rounded_once(jax.jit(jax.vmap(ours))(x), expected, dtype, ours_type)
+        # Float32 parameters: still the input's dtype, as Equinox's.
+        ours, theirs = ours_type(*args), their_type(*args)
+        assert jax.eval_shape(jax.vmap(ours), x).dtype == dtype
+        assert jax.eval_shape(jax.vmap(theirs), x).dtype == dtype
+
+
+def test_default_dtype_follows_jax_enable_x64_as_equinox():
+    with jax.enable_x64(True):
+        for ours, theirs in ((neqx.LayerNorm(3), eqx.nn.LayerNorm(3)),
+                             (neqx.RMSNorm(3), eqx.nn.RMSNorm(3)),
+                             (neqx.GroupNorm(1, 3), eqx.nn.GroupNorm(1, 3)),
+                             (neqx.BatchNorm(3, 'i'), eqx_bn(3)[0])):
+            assert ours.weight.dtype == theirs.weight.dtype == jnp.float64, type(ours)
+        bn, state = eqx.nn.make_with_state(neqx.BatchNorm)(3, 'i')
+        assert [v.dtype for v in state.get(bn.batch_state_index)] == [jnp.float64] * 2
+
+
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r'LayerNorm\(shape\)\(x\) needs x.shape == shape'):
         neqx.LayerNorm(4)(jnp.ones((2, 4)))
 
 
-def test_modules_under_strict_promotion():
-    x = jnp.asarray(np.random.default_rng(33).standard_normal((8, 6)) + 3, jnp.float32)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('param_dtype', [None, jnp.bfloat16])
+def test_modules_under_strict_promotion(dtype, param_dtype):
+    x = jnp.asarray(np.random.default_rng(33).standard_normal((8, 6)) + 3, dtype)
     with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
-        bn, state = eqx.nn.make_with_state(neqx.BatchNorm)(6, axis_name='i')
+        bn, state = eqx.nn.make_with_state(neqx.BatchNorm)(6, axis_name='i', dtype=param_dtype)
         # Promotion is checked while tracing: nothing needs to run.
-        jax.eval_shape(jax.vmap(bn, axis_name='i', in_axes=(0, None), out_axes=(0, None)),
-                       x, state)
+        y, _ = jax.eval_shape(jax.vmap(bn, axis_name='i', in_axes=(0, None),
+                                       out_axes=(0, None)), x, state)
+        assert y.dtype == dtype
         jax.eval_shape(jax.vmap(lambda v: bn(v, state, inference=True), axis_name='i'), x)
-        for module in (neqx.LayerNorm(6), neqx.RMSNorm(6), neqx.GroupNorm(2, 6)):
-            jax.eval_shape(jax.vmap(module), x)
+        for module in (neqx.LayerNorm(6, dtype=param_dtype), neqx.RMSNorm(6, dtype=param_dtype),
+                       neqx.GroupNorm(2, 6, dtype=param_dtype)):
+            assert jax.eval_shape(jax.vmap(module), x).dtype == dtype

@@ -144,3 +144,99 @@ def test_layers_under_strict_promotion():
                       nk.GroupNormalization(groups=2)):
             layer(x, training=True)
             layer(x, training=False)
+
+
+POLICIES = ['float32', 'bfloat16', 'float16', 'mixed_bfloat16', 'mixed_float16']
+# Results rounded from float32 to a narrow dtype may differ by one of its ulps:
+# ATOL is one ulp at 4 to 8 (the outputs here stay below 8), RTOL two ulps relative.
+ATOL = {'float32': 2e-5, 'float16': 2 ** -8, 'bfloat16': 2 ** -5}
+RTOL = {'float32': 2e-5, 'float16': 2 ** -9, 'bfloat16': 2 ** -6}
+
+
+def batch_norm_reference(x, mean, var):
+    return (x - mean) / np.sqrt(var + 1e-3)
+
+
+def as_float64(a):
+    return np.asarray(a).astype(np.float64)
+
+
+@pytest.mark.parametrize('policy', POLICIES)
+def test_batch_norm_under_dtype_policies_like_keras(policy):
+    rng = np.random.default_rng(33)
+    x = rng.normal(3, 2, (8, 6, 4)).astype('float32')  # as above: float32 compiles once
+    ours = nk.BatchNormalization(dtype=policy, name='bn')
+    theirs = keras.layers.BatchNormalization(dtype=policy, name='bn')
+    atol = ATOL[theirs.compute_dtype]
+    # Keras casts the input to the compute dtype before the layer sees it.
+    x64 = as_float64(keras.ops.cast(x, theirs.compute_dtype))
+    mean, var = x64.mean((0, 1)), x64.var((0, 1))
+    moving_mean, moving_var = 0.01 * mean, 0.99 + 0.01 * var
+    for training, expected in ((True, batch_norm_reference(x64, mean, var)),
+                               (False, batch_norm_reference(x64, moving_mean, moving_var))):
+        y, y_keras = ours(x, training=training), theirs(x, training=training)
+        assert y.dtype == y_keras.dtype == theirs.compute_dtype, (training, y.dtype)
+        np.testing.assert_allclose(as_float64(y), as_float64(y_keras), atol=atol, err_msg=training)
+        np.testing.assert_allclose(as_float64(y), expected, atol=atol, err_msg=training)
+    assert [(w.path, w.dtype) for w in ours.weights] == \
+        [(w.path, w.dtype) for w in theirs.weights]
+    assert ours.moving_mean.dtype == theirs.variable_dtype
+    for a, b in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_allclose(as_float64(a.numpy()), as_float64(b.numpy()),
+                                   rtol=RTOL[theirs.variable_dtype], err_msg=a.path)
+    for variable, expected in ((ours.moving_mean, moving_mean), (ours.moving_variance, moving_var)):
+        np.testing.assert_allclose(as_float64(variable.numpy()), expected,
+                                   rtol=RTOL[theirs.variable_dtype], err_msg=variable.path)
+
+
+@pytest.mark.parametrize('policy', POLICIES)
+def test_layer_norm_under_dtype_policies_like_keras(policy):
+    x = np.random.default_rng(34).normal(3, 2, (8, 6, 4)).astype('float32')
+    ours = nk.LayerNormalization(dtype=policy, name='ln')
+    theirs = keras.layers.LayerNormalization(dtype=policy, name='ln')
+    y, y_keras = ours(x), theirs(x)
+    assert y.dtype == y_keras.dtype == theirs.compute_dtype
+    assert [(w.path, w.dtype) for w in ours.weights] == \
+        [(w.path, w.dtype) for w in theirs.weights]
+    x64 = as_float64(keras.ops.cast(x, theirs.compute_dtype))
+    expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-3)
+    atol = ATOL[theirs.compute_dtype]
+    np.testing.assert_allclose(as_float64(y), as_float64(y_keras), atol=atol)
+    np.testing.assert_allclose(as_float64(y), expected, atol=atol)
+
+
+@pytest.mark.parametrize('policy', ['float32', 'mixed_bfloat16'])
+@pytest.mark.parametrize('theirs, ours, kwargs', PAIRS, ids=lambda v: getattr(v, '__name__', ''))
+def test_integer_inputs_are_computed_in_float32(theirs, ours, kwargs, policy):
+    x = np.random.default_rng(35).integers(-20, 20, (8, 6, 4)).astype('int32')
+    layer, reference = ours(dtype=policy, **kwargs), theirs(dtype=policy, **kwargs)
+    y = layer(x, training=True)
+    # Keras's BatchNormalization computes integers in float32. Its Layer, Group and
+    # RMSNormalization truncate the float32 result to the input's integer dtype (RMS
+    # also returns that dtype) and its UnitNormalization raises, so they are compared
+    # on the float32 input.
+    expected = reference(x if theirs is keras.layers.BatchNormalization else x.astype('float32'),
+                         training=True)
+    assert y.dtype == expected.dtype == layer.compute_dtype
+    np.testing.assert_allclose(as_float64(y), as_float64(expected),
+                               atol=ATOL[layer.compute_dtype])
+    if theirs is keras.layers.BatchNormalization:
+        x64 = x.astype(np.float64)
+        np.testing.assert_allclose(as_float64(y),
+                                   batch_norm_reference(x64, x64.mean((0, 1)), x64.var((0, 1))),
+                                   atol=ATOL[layer.compute_dtype])
+
+
+def test_fully_masked_batch_keeps_the_moving_statistics_where_keras_moves_them():
+    x = np.random.default_rng(36).normal(3, 2, (4, 10, 3)).astype('float32')
+    mask = np.zeros((4, 10), bool)
+    init = {'momentum': 0.0, 'moving_mean_initializer': 'ones',
+            'moving_variance_initializer': keras.initializers.Constant(2.0)}
+    layer, reference = nk.BatchNormalization(**init), keras.layers.BatchNormalization(**init)
+    y = layer(x, training=True, mask=mask)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), 1)
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), 2)
+    np.testing.assert_allclose(y, (x - 1) / np.sqrt(2 + 1e-3), rtol=1e-5)  # normalized with them
+    reference(x, training=True, mask=mask)  # Keras takes the batch moments to be 0
+    np.testing.assert_array_equal(reference.moving_mean.numpy(), 0)
+    np.testing.assert_array_equal(reference.moving_variance.numpy(), 0)

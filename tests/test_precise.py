@@ -127,7 +127,7 @@ def test_linen_mlp():
     stats = new['batch_stats']
     mean, var = _moments(np.concatenate(xs))
     _assert_moments(stats['BatchNorm_0'], mean, var)
-    assert int(stats['BatchNorm_0']['count']) == 3
+    np.testing.assert_array_equal(stats['BatchNorm_0']['count'], np.full(3, 3))  # per feature
     hidden = [_train_mode_hidden(x, params['BatchNorm_0'], params['Dense_0']) for x in xs]
     mean, var = _moments(np.concatenate(hidden))
     np.testing.assert_allclose(stats['BatchNorm_1']['mean'], mean, rtol=1e-4, atol=1e-5)
@@ -137,6 +137,22 @@ def test_linen_mlp():
     assert jax.tree.structure(new) == jax.tree.structure(variables)
     jax.tree.map(np.testing.assert_array_equal, new['params'], params)
     assert float(variables['batch_stats']['BatchNorm_1']['mean'][0]) != float(mean[0])
+
+
+def test_linen_masked_feature_keeps_its_count():
+    xs = _batches((4, 6), seed=10)
+    keep = np.array([True, True, False])  # the last feature is never valid
+    model = nl.BatchNorm(use_running_average=False, momentum=None)
+    variables = jax.jit(model.init)(jax.random.key(0), xs[0])
+
+    new = precise_linen(model, variables, xs, method=lambda m, x: m(x, mask=keep),
+                        progress=False)
+
+    stats = new['batch_stats']
+    mean, var = _moments(np.concatenate(xs)[:, :2])
+    _assert_moments({'mean': stats['mean'][:2], 'var': stats['var'][:2]}, mean, var)
+    np.testing.assert_array_equal([stats['mean'][2], stats['var'][2]], [0.0, 1.0])
+    np.testing.assert_array_equal(stats['count'], [2, 2, 0])
 
 
 def test_linen_needs_training_mode():
@@ -204,3 +220,144 @@ def test_nnx_needs_training_mode():
         precise_nnx(model, _batches((4,)), call=lambda m, x: m(x, use_running_average=True),
                     progress=False)
     np.testing.assert_array_equal(model.mean[...], 0.0)
+
+
+# Stacked layers (scan over layers) and ensembles (vmap): every layer or
+# member has its own statistics, at its index of the stacked batch_stats.
+STACK = 3  # layers or members
+WIDTH = 4  # features
+
+
+def _stack_batches():
+    """Float32 batches ``(n, WIDTH)`` of unequal sizes."""
+    rng = np.random.default_rng(7)
+    return [(rng.normal(size=(n, WIDTH)) * [1.0, 0.5, 2.0, 1.5] + 0.5).astype(np.float32)
+            for n in (6, 11, 3)]
+
+
+def _block_inputs(x, p, chained):
+    """Every block's BatchNorm input, in float64: each block is Dense, tanh and a
+    BatchNorm in training mode; the blocks run in turn (``chained``, a scan
+    over layers) or side by side on ``x`` (an ensemble)."""
+    x, inputs = np.asarray(x, np.float64), []
+    for i in range(STACK):
+        h = np.tanh(x @ p['kernel'][i] + p['bias'][i])
+        inputs.append(h)
+        if chained:
+            x = (h - h.mean(0)) / np.sqrt(h.var(0) + EPSILON) * p['scale'][i] + p['offset'][i]
+    return inputs
+
+
+def _assert_stacked(mean, var, xs, p, chained, ddof=0):
+    p = {name: np.asarray(v, np.float64) for name, v in p.items()}
+    per_batch = [_block_inputs(x, p, chained) for x in xs]
+    for i in range(STACK):
+        want_mean, want_var = _moments(np.concatenate([inputs[i] for inputs in per_batch]),
+                                       ddof=ddof)
+        np.testing.assert_allclose(mean[i], want_mean, rtol=1e-5, atol=1e-6, err_msg=f'{i}')
+        np.testing.assert_allclose(var[i], want_var, rtol=1e-5, err_msg=f'{i}')
+
+
+def _perturbed(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda v: v + 0.3 * rng.normal(size=v.shape).astype(np.float32),
+                        jax.device_get(tree))
+
+
+class LinenBlock(nn.Module):
+    batch_norm: type
+    train: bool
+
+    @nn.compact
+    def __call__(self, x, _):
+        x = nn.tanh(nn.Dense(WIDTH)(x))
+        kwargs = {'momentum': None} if self.batch_norm is nl.BatchNorm else {}
+        return self.batch_norm(use_running_average=not self.train, **kwargs)(x), None
+
+
+class LinenScan(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        blocks = nn.scan(LinenBlock, variable_axes={'params': 0, 'batch_stats': 0},
+                         split_rngs={'params': True}, length=STACK)
+        return blocks(nl.BatchNorm, train, name='blocks')(x, None)[0]
+
+
+class LinenEnsemble(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        members = nn.vmap(LinenBlock, variable_axes={'params': 0, 'batch_stats': 0},
+                          split_rngs={'params': True}, in_axes=(None, None), axis_size=STACK)
+        return members(nn.BatchNorm, train, name='members')(x, None)[0]
+
+
+@pytest.mark.parametrize('model, name', [(LinenScan(), 'blocks'),
+                                         (LinenEnsemble(), 'members')], ids=['scan', 'vmap'])
+def test_linen_stacked(model, name):
+    xs = _stack_batches()
+    variables = _init(model, xs[0])
+    params = _perturbed(variables['params'], 8)
+    variables = {**variables, 'params': params}
+
+    new = precise_linen(model, variables, xs, train=True, progress=False)
+
+    stats = new['batch_stats'][name]['BatchNorm_0']
+    p = params[name]
+    _assert_stacked(stats['mean'], stats['var'], xs,
+                    {'kernel': p['Dense_0']['kernel'], 'bias': p['Dense_0']['bias'],
+                     'scale': p['BatchNorm_0']['scale'], 'offset': p['BatchNorm_0']['bias']},
+                    chained=name == 'blocks')
+    assert jax.tree.structure(new) == jax.tree.structure(variables)
+    jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), new, variables)
+    if 'count' in stats:
+        np.testing.assert_array_equal(stats['count'], 3)
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, batch_norm, rngs):
+        self.dense = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+        kwargs = ({'momentum': None, 'unbiased_running_var': True}
+                  if batch_norm is nx.BatchNorm else {})
+        self.bn = batch_norm(WIDTH, rngs=rngs, **kwargs)
+
+    def __call__(self, x):
+        return self.bn(nnx.tanh(self.dense(x)))
+
+
+class NNXStack(nnx.Module):
+    """Blocks created with nnx.vmap, run with nnx.scan (chained) or nnx.vmap."""
+
+    def __init__(self, batch_norm, chained, rngs):
+        @nnx.split_rngs(splits=STACK)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NNXBlock(batch_norm, rngs)
+
+        self.blocks = create(rngs)
+        self.chained = chained
+
+    def __call__(self, x):
+        if self.chained:
+            return nnx.scan(lambda x, block: (block(x), None),
+                            in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.blocks)[0]
+        return nnx.vmap(lambda block, x: block(x), in_axes=(0, None))(self.blocks, x)
+
+
+@pytest.mark.parametrize('batch_norm, chained', [(nx.BatchNorm, True),
+                                                 (nnx.BatchNorm, False)], ids=['scan', 'vmap'])
+def test_nnx_stacked(batch_norm, chained):
+    xs = _stack_batches()
+    model = NNXStack(batch_norm, chained, nnx.Rngs(0))
+    nnx.update(model, _perturbed(nnx.state(model, nnx.Param), 9))
+    model.eval()
+
+    precise_nnx(model, xs, progress=False)
+
+    block = model.blocks
+    p = {'kernel': block.dense.kernel[...], 'bias': block.dense.bias[...],
+         'scale': block.bn.scale[...], 'offset': block.bn.bias[...]}
+    _assert_stacked(block.bn.mean[...], block.bn.var[...], xs, p, chained,
+                    ddof=1 if batch_norm is nx.BatchNorm else 0)
+    assert block.bn.use_running_average and type(block.bn) is batch_norm
+    if batch_norm is nx.BatchNorm:
+        np.testing.assert_array_equal(block.bn.count[...], np.full((STACK, WIDTH), 3))
