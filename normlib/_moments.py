@@ -143,6 +143,8 @@ def _sample_mean(xf, axes):
     """The mean of up to ``_SAMPLE`` entries at fixed positions spread over the
     leading ``axes`` (all of them, for small inputs), kept dims."""
     sizes = [xf.shape[a] for a in axes]
+    if not all(isinstance(d, int) for d in sizes):
+        return _symbolic_sample_mean(xf, axes)
     total = int(np.prod(sizes))
     m = min(total, _SAMPLE)
     # Evenly spread positions, each jittered within its stride so that a
@@ -151,6 +153,21 @@ def _sample_mean(xf, axes):
     positions = iter(np.unravel_index(flat, sizes))
     sample = xf[tuple(next(positions) if i in axes else slice(None) for i in range(xf.ndim))]
     return jnp.mean(sample, axis=0).reshape((1,) * len(axes) + sample.shape[1:])
+
+
+def _symbolic_sample_mean(xf, axes):
+    """:func:`_sample_mean` for leading axes of symbolic size (``jax.export``
+    with a symbolic batch): ``_SAMPLE`` evenly spread positions computed in
+    the program, repeated where there are fewer entries (still a mean of
+    data values)."""
+    lead = len(axes)
+    rows = xf.reshape((-1,) + xf.shape[lead:])
+    total = jnp.asarray(rows.shape[0], jnp.int32)
+    step = jnp.arange(_SAMPLE, dtype=jnp.int32)
+    # (i * total) // _SAMPLE without an int32 product that could overflow.
+    positions = step * (total // _SAMPLE) + (step * (total % _SAMPLE)) // _SAMPLE
+    sample = rows[jnp.minimum(positions, jnp.maximum(total - 1, 0))]
+    return jnp.mean(sample, axis=0).reshape((1,) * lead + rows.shape[1:])
 
 
 def _explicit(v, axes):
@@ -234,7 +251,8 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     widen = lambda v, s: v.astype(dtype) if scale is None else v.astype(dtype) * s
     xf = widen(x, scale)
     if mask is None:
-        count = jnp.full((1,) * x.ndim, np.prod([x.shape[a] for a in axes]), real)
+        # math.prod keeps a symbolic size (jax.export) symbolic.
+        count = jnp.full((1,) * x.ndim, math.prod(x.shape[a] for a in axes), real)
         keep = lambda v: v
     else:
         count = _count(mask, axes, real)

@@ -29,6 +29,11 @@ class BatchNormState(NamedTuple):
     count: jax.Array
 
 
+# Exported programs (jax.export) that take or return a state serialize.
+jax.export.register_namedtuple_serialization(BatchNormState,
+                                             serialized_name='normlib.BatchNormState')
+
+
 def init_batch_norm(num_features: int | tuple[int, ...],
                     dtype: Any = jnp.float32, *,
                     per_feature_count: bool = False) -> BatchNormState:

@@ -605,3 +605,45 @@ def test_zero_size_reduced_axis_gives_an_empty_output(name, shape):
     x = jnp.zeros(shape)
     assert fn(x).shape == shape
     assert jax.jit(fn)(x).shape == shape
+
+
+_EXPORTED = {
+    'batch_norm': lambda x, s: nl.batch_norm(x, s, training=True),
+    'grad': lambda x, s: jax.grad(lambda x: jnp.sum(nl.batch_norm(x, s, training=True)[0] ** 3))(x),
+    'masked': lambda x, s: nl.batch_norm(x, s, training=True, mask=x > 0.5),
+    'lp': lambda x, s: nl.lp_batch_norm(x, s, p=3, training=True),
+    'l1': lambda x, s: nl.l1_batch_norm(x, s, training=True),
+    'renorm': lambda x, s: nl.batch_renorm(x, s, training=True, r_max=3.0, d_max=5.0),
+    'evaluation': lambda x, s: nl.batch_norm(x, s, training=False),
+}
+
+
+@pytest.mark.parametrize('name', list(_EXPORTED))
+def test_export_with_a_symbolic_batch_serializes_and_runs(name):
+    from jax import export
+    fn = _EXPORTED[name]
+    batch, = export.symbolic_shape('n')
+    state = nl.BatchNormState(jnp.full(4, 0.5), jnp.full(4, 2.0), jnp.array(3, jnp.int32))
+    exported = export.export(jax.jit(fn))(jax.ShapeDtypeStruct((batch, 4), jnp.float32), state)
+    restored = export.deserialize(exported.serialize())
+    for n in (5, 300):  # below and above the anchor's sample size
+        x = jnp.asarray(RNG.normal(size=(n, 4)).astype(np.float32) * 3 + 100)
+        got, want = restored.call(x, state), jax.jit(fn)(x, state)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f'{name}, n={n}')
+
+
+def test_exported_linen_training_step_with_a_symbolic_batch():
+    from jax import export
+    module = nln.BatchNorm(use_running_average=False)
+    variables = module.init(jax.random.key(0), jnp.ones((2, 3)))
+    step = jax.jit(lambda v, x: module.apply(v, x, mutable=['batch_stats']))
+    batch, = export.symbolic_shape('n')
+    exported = export.export(step)(variables, jax.ShapeDtypeStruct((batch, 3), jnp.float32))
+    restored = export.deserialize(exported.serialize())
+    x = jnp.asarray(RNG.normal(size=(9, 3)).astype(np.float32) + 1e3)
+    chex_leaves = zip(jax.tree.leaves(restored.call(variables, x)),
+                      jax.tree.leaves(step(variables, x)))
+    for g, w in chex_leaves:
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
