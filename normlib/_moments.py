@@ -385,8 +385,8 @@ def _sum_over_shards(fields, sync: Sync):
             for f in fields]
 
 
-def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
-                  sync: Sync) -> Moments:
+def _merge_shards(local: Moments, scale, largest, entries: int, masked: bool, center: bool,
+                  sync: Sync):
     r"""The moments of all the shards of ``sync`` together, with a message of
     fixed size: Chan et al.'s merge around a shift every shard agrees on.
 
@@ -394,10 +394,12 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     shard) with mean :math:`\mu_i` (``shift_i + delta_i``) and variance
     :math:`\sigma_i^2`; :math:`n = \sum_i n_i`, :math:`w_i = n_i / n`.
 
-    1. One ``psum`` of the counts and the count-weighted means gives the
-       shift :math:`c = \sum_i w_i \mu_i`, the global mean up to rounding,
-       bit-identical on every shard. Without a mask every shard holds
-       ``entries`` (mapped shapes are equal), so counts are not sent.
+    1. One ``psum`` of the counts, the count-weighted means and each shard's
+       ``largest / shards`` gives the shift :math:`c = \sum_i w_i \mu_i`,
+       the global mean up to rounding, bit-identical on every shard, and a
+       bound within a factor ``shards`` of the largest magnitude, which
+       sets ``s``. Without a mask every shard holds ``entries`` (mapped
+       shapes are equal), so counts are not sent.
     2. One ``psum`` of :math:`w_i o_i` and :math:`w_i (\sigma_i^2 + |o_i|^2)`
        with :math:`o_i = (shift_i - c) + delta_i`:
 
@@ -409,36 +411,46 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     of the spread of the shards' means and :math:`\delta` is tiny, so
     nothing cancels: as exact as :func:`merge` of the gathered parts, for
     any offset, layout and count. Weights are taken before sums, so sums of
-    large values do not overflow. Uncentered moments (RMS norm) need round 1
-    only: the weighted mean of the mean squares.
+    large values do not overflow. For uncentered moments (RMS norm) round 1
+    sends the counts and bounds and round 2 the weighted mean squares.
     """
-    total = entries * sync.shards  # the most valid entries there can be
-    value = local.mean if center else local.var
+    shards = sync.shards
+    total = entries * shards  # the most valid entries there can be
+    bound = largest / shards  # their sum cannot overflow
+    fields = ([local.count] if masked else []) + (
+        [(local.mean / scale) * (local.count / max(total, 1)) if masked
+         else (local.mean / scale) / shards] if center else []) + [bound]
+    sums = _sum_over_shards(fields, sync)
+    count = sums[0] if masked else jnp.full(local.count.shape, total, local.count.dtype)
+    # The bound is at least the largest magnitude / 2**spare, so this s
+    # brings every shard's data below 2**60; it is at most each shard's own
+    # scale, so rescaling a shard's moments to it is exact.
+    spare = math.ceil(math.log2(shards)) if shards > 1 else 0
+    s = jax.lax.stop_gradient(_scale_below(sums[-1], _HEADROOM - spare))
+    ratio = s / scale
     if masked:
-        count, weighted = _sum_over_shards(
-            [local.count, value * (local.count / max(total, 1))], sync)
-        # A quotient, as in _anchor: every pass computes the same shift.
-        merged = weighted / (jnp.maximum(count, 1) / max(total, 1))
         weights = local.count / jnp.maximum(count, 1)
     else:  # the same on every shard
-        count = jnp.full(local.count.shape, total, local.count.dtype)
-        merged, = _sum_over_shards([value / sync.shards], sync)
-        weights = jnp.full(local.count.shape, 1 / sync.shards if total else 0,
-                           local.count.dtype)
+        weights = jnp.full(local.count.shape, 1 / shards if total else 0, local.count.dtype)
     if not center:
-        zero = jnp.zeros_like(merged)
-        return Moments(count, zero, zero, jnp.where(count > 0, merged, 0))
-    shift = jax.lax.stop_gradient(merged)
+        second, = _sum_over_shards([weights * (local.var * (ratio * ratio))], sync)
+        zero = jnp.zeros_like(second)
+        return Moments(count, zero, zero, jnp.where(count > 0, second, 0)), s
+    weighted = sums[-2]  # after the counts, if sent; before the bound
+    # A quotient, as in _anchor: every pass computes the same shift.
+    merged = (weighted / (jnp.maximum(count, 1) / max(total, 1)) if masked else weighted)
+    shift = jax.lax.stop_gradient(merged * s)
     # An empty shard adds nothing; its offset is zeroed so 0 * inf cannot arise.
-    offsets = jnp.where(local.count > 0, (local.shift - shift) + local.delta, 0)
+    offsets = jnp.where(local.count > 0, (local.shift * ratio - shift) + local.delta * ratio, 0)
     # The offsets are weighted by count / 2**k (exact), and their sum divided
     # by the total's share: when every shard has the same offset (a constant
     # feature) delta is that offset exactly, and the feature normalizes to 0.
     unit = 2.0 ** math.ceil(math.log2(max(total, 1)))
-    offset_sum, second = _sum_over_shards([(local.count / unit) * offsets,
-                                           weights * (local.var + _abs2(offsets))], sync)
+    offset_sum, second = _sum_over_shards(
+        [(local.count / unit) * offsets,
+         weights * (local.var * (ratio * ratio) + _abs2(offsets))], sync)
     delta = exact_quotient(offset_sum, jnp.maximum(count, 1) / unit)
-    return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0))
+    return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0)), s
 
 
 def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
@@ -451,12 +463,21 @@ def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
     concatenated valid entries, in float32 or wider. With ``scale`` (kept
     dims, no ``sync``), the moments of ``x * scale``.
     """
-    local = _part_moments(x, axes, mask, center, scale)
     if sync is None:
-        return local
+        return _part_moments(x, axes, mask, center, scale)
     assert scale is None, 'scaled moments are per shard'
+    used, s = _synced_moments(x, axes, mask, center, sync)
+    return Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
+
+
+def _synced_moments(x, axes, mask, center, sync: Sync):
+    """``(moments of x * s, s)`` over ``axes`` and the shards of ``sync``, with
+    ``s`` a power of two shared by the shards (:func:`_merge_shards`)."""
+    largest = _largest_magnitude(x, axes, mask)
+    scale = _scale_below(largest)
+    local = _part_moments(x, axes, mask, center, scale)
     entries = math.prod(x.shape[a] for a in axes)
-    return _merge_shards(local, entries, mask is not None, center, sync)
+    return _merge_shards(local, scale, largest, entries, mask is not None, center, sync)
 
 
 def widened(param, dtype):
@@ -548,6 +569,20 @@ def standardize(x, scale=None, bias=None, *, axes, epsilon, center=True, mask=No
 _HEADROOM = 60
 
 
+def _largest_magnitude(x, axes, mask):
+    """``max |x|`` over the valid entries of ``axes`` (0 for none), kept dims."""
+    magnitude = jnp.abs(x).astype(real_dtype(x.dtype))
+    if mask is not None:
+        magnitude = jnp.where(mask, magnitude, 0)
+    return jax.lax.stop_gradient(jnp.max(magnitude, axis=axes, keepdims=True, initial=0))
+
+
+def _scale_below(largest, headroom=_HEADROOM):
+    """``2**-k`` (k >= 0) that brings ``largest`` below ``2**headroom``."""
+    _, exponent = jnp.frexp(largest)
+    return jnp.ldexp(jnp.ones_like(largest), jnp.minimum(0, headroom - exponent))
+
+
 def _power_of_two_scale(x, axes, mask):
     """``2**-k`` (k >= 0) per row, kept dims: 1 unless ``max|x| >= 2**_HEADROOM``.
 
@@ -555,45 +590,38 @@ def _power_of_two_scale(x, axes, mask):
     where the data sit relative to the threshold (beyond entries below
     ``2**-126`` times the largest, which do not reach float32 sums anyway).
     """
-    magnitude = jnp.abs(x).astype(real_dtype(x.dtype))
-    if mask is not None:
-        magnitude = jnp.where(mask, magnitude, 0)
-    largest = jnp.max(magnitude, axis=axes, keepdims=True, initial=0)
-    _, exponent = jnp.frexp(largest)
-    return jax.lax.stop_gradient(
-        jnp.ldexp(jnp.ones_like(largest), jnp.minimum(0, _HEADROOM - exponent)))
+    return _scale_below(_largest_magnitude(x, axes, mask))
 
 
 def _statistics(spec, x, mask, fallback):
     """The batch's moments ``m``, and how ``x`` is normalized: ``(used, inv, s)``.
 
-    ``x_hat = (x * s - used.mean) * inv``. Features with entries use their
-    own moments and ``inv = rsqrt(var + epsilon)``; empty ones ``fallback``,
-    or without one ``inv = 0``. Rows of per-example statistics (no
-    ``fallback``, no ``sync``) are taken at a power-of-two scale ``s``
-    (:func:`_power_of_two_scale`; ``used`` are the moments of ``x * s`` and
-    ``inv = rsqrt(var_s + epsilon * s**2)``), so ``x_hat`` is right even where
-    ``x - mean`` or ``var`` exceed float32; elsewhere ``s`` is None (1).
+    ``x_hat = (x * s - used.mean) * inv``, with ``s`` a power of two per
+    feature or row (:func:`_power_of_two_scale`; over the ``sync`` axes,
+    one for all shards), ``used`` the moments of ``x * s`` and ``inv =
+    rsqrt(var_s + epsilon * s**2)``: ``x_hat`` is right even where ``x -
+    mean`` or ``var`` exceed float32, for every caller alike. Ordinary data
+    (below ``2**60`` or so) have ``s = 1``. Features with no valid entry are
+    normalized with ``fallback`` (at ``s = 1``), or without one with ``inv =
+    0``.
     """
-    if fallback is not None or spec.sync is not None:
-        m = moments(x, spec.axes, mask=mask, center=spec.center, sync=spec.sync)
-        empty = m.count == 0
-        if fallback is None:
-            return m, m, jnp.where(empty, 0, jax.lax.rsqrt(m.var + spec.epsilon)), None
-        mean, var = (laid_out_as(v, m.var) for v in fallback)
-        used = Moments(m.count, jnp.where(empty, mean, m.shift), jnp.where(empty, 0, m.delta),
-                       jnp.where(empty, var, m.var))
-        return m, used, jax.lax.rsqrt(used.var + spec.epsilon), None
-    s = _power_of_two_scale(x, spec.axes, mask)
-    used = moments(x, spec.axes, mask=mask, center=spec.center, scale=s)
+    if spec.sync is None:
+        s = _power_of_two_scale(x, spec.axes, mask)
+        used = moments(x, spec.axes, mask=mask, center=spec.center, scale=s)
+    else:
+        used, s = _synced_moments(x, spec.axes, mask, spec.center, spec.sync)
     m = Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
-    # epsilon * s**2 flushes to 0 for rows near float32's largest values;
+    empty = m.count == 0
+    if fallback is not None:  # an empty feature has s = 1
+        mean, var = (laid_out_as(v, used.var) for v in fallback)
+        used = Moments(used.count, jnp.where(empty, mean, used.shift),
+                       jnp.where(empty, 0, used.delta), jnp.where(empty, var, used.var))
+    # epsilon * s**2 flushes to 0 for data near float32's largest values;
     # there a variance below the smallest normal float is that of a constant
-    # row (the entries are 2**36 apart at that scale), whose x_hat is 0.
+    # feature (the entries are 2**36 apart at that scale), whose x_hat is 0.
     tiny = jnp.finfo(used.var.dtype).tiny
-    inv = jnp.where(m.count == 0, 0,
-                    jax.lax.rsqrt(jnp.maximum(used.var + spec.epsilon * (s * s), tiny)))
-    return m, used, inv, s
+    inv = jax.lax.rsqrt(jnp.maximum(used.var + spec.epsilon * (s * s), tiny))
+    return m, used, inv if fallback is not None else jnp.where(empty, 0, inv), s
 
 
 def _output(spec, x, scale, bias, used, inv, s):

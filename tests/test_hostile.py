@@ -647,3 +647,32 @@ def test_exported_linen_training_step_with_a_symbolic_batch():
                       jax.tree.leaves(step(variables, x)))
     for g, w in chex_leaves:
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('magnitude', [1.0, 1e20, 1e30, 3e37])
+def test_every_normalizer_is_right_up_to_float32s_largest_values_sharded_or_not(magnitude):
+    base = RNG.normal(size=(6, 8)).astype(np.float64)
+    x = (base / np.abs(base).max() * magnitude).astype(np.float32)
+    x64 = x.astype(np.float64)
+    along = lambda v, axis: (v - v.mean(axis, keepdims=True)) / v.std(axis, keepdims=True)
+    bn_ref, ln_ref = along(x64, 0), along(x64, 1)
+    rms_ref = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True))
+    state = nl.init_batch_norm(8)
+    shards = lambda f, v, in_axes: jax.vmap(f, axis_name='s', in_axes=in_axes, out_axes=in_axes)(v)
+    got = {
+        'batch_norm': (nl.batch_norm(x, state, training=True, epsilon=1e-30)[0], bn_ref),
+        'batch_norm masked': (nl.batch_norm(x, state, training=True, epsilon=1e-30,
+                                            mask=np.ones(x.shape, bool))[0], bn_ref),
+        'batch_norm synced': (shards(lambda v: nl.batch_norm(
+            v, state, training=True, epsilon=1e-30, axis_name='s')[0], x.reshape(3, 2, 8),
+            0).reshape(6, 8), bn_ref),
+        'layer_norm sharded': (shards(lambda v: nl.layer_norm(v, epsilon=1e-30, axis_name='s'),
+                                      x.reshape(6, 4, 2), 1).reshape(6, 8), ln_ref),
+        'rms_norm sharded': (shards(lambda v: nl.rms_norm(v, epsilon=1e-30, axis_name='s'),
+                                    x.reshape(6, 4, 2), 1).reshape(6, 8), rms_ref),
+        'group_norm sharded': (shards(lambda v: nl.group_norm(v, num_groups=1, epsilon=1e-30,
+                                                              axis_name='s'),
+                                      x.reshape(6, 4, 2), 1).reshape(6, 8), ln_ref),
+    }
+    for name, (y, ref) in got.items():
+        np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5, err_msg=name)
