@@ -780,7 +780,9 @@ def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None 
     if p <= _STD_UNIT_MAX_P:
         unit = jnp.sqrt(m.var)
     else:
-        unit = group_max(jnp.max(magnitude, axis=axes, keepdims=True, initial=0), sync)
+        # No derivative: pmax has none, and the unit needs none.
+        unit = group_max(jnp.max(jax.lax.stop_gradient(magnitude), axis=axes, keepdims=True,
+                                 initial=0), sync)
     unit = jax.lax.stop_gradient(jnp.where(unit > 0, unit, 1))
     ratio = magnitude / unit
     if p == 2:
