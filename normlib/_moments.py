@@ -416,10 +416,11 @@ def _merge_shards(local: Moments, scale, largest, entries: int, masked: bool, ce
     """
     shards = sync.shards
     total = entries * shards  # the most valid entries there can be
-    bound = largest / shards  # their sum cannot overflow
-    fields = ([local.count] if masked else []) + (
-        [(local.mean / scale) * (local.count / max(total, 1)) if masked
-         else (local.mean / scale) / shards] if center else []) + [bound]
+    fields = [local.count] if masked else []
+    if center:  # the mean, unscaled (it cannot overflow)
+        mean = local.mean / scale
+        fields.append(mean * (local.count / max(total, 1)) if masked else mean / shards)
+    fields.append(largest / shards)  # a sum over the shards cannot overflow
     sums = _sum_over_shards(fields, sync)
     count = sums[0] if masked else jnp.full(local.count.shape, total, local.count.dtype)
     # The bound is at least the largest magnitude / 2**spare, so this s
@@ -436,9 +437,8 @@ def _merge_shards(local: Moments, scale, largest, entries: int, masked: bool, ce
         second, = _sum_over_shards([weights * (local.var * (ratio * ratio))], sync)
         zero = jnp.zeros_like(second)
         return Moments(count, zero, zero, jnp.where(count > 0, second, 0)), s
-    weighted = sums[-2]  # after the counts, if sent; before the bound
     # A quotient, as in _anchor: every pass computes the same shift.
-    merged = (weighted / (jnp.maximum(count, 1) / max(total, 1)) if masked else weighted)
+    merged = sums[1] / (jnp.maximum(count, 1) / max(total, 1)) if masked else sums[0]
     shift = jax.lax.stop_gradient(merged * s)
     # An empty shard adds nothing; its offset is zeroed so 0 * inf cannot arise.
     offsets = jnp.where(local.count > 0, (local.shift * ratio - shift) + local.delta * ratio, 0)
@@ -578,26 +578,22 @@ def _largest_magnitude(x, axes, mask):
 
 
 def _scale_below(largest, headroom=_HEADROOM):
-    """``2**-k`` (k >= 0) that brings ``largest`` below ``2**headroom``."""
-    _, exponent = jnp.frexp(largest)
-    return jnp.ldexp(jnp.ones_like(largest), jnp.minimum(0, headroom - exponent))
-
-
-def _power_of_two_scale(x, axes, mask):
-    """``2**-k`` (k >= 0) per row, kept dims: 1 unless ``max|x| >= 2**_HEADROOM``.
+    """``2**-k`` (k >= 0) that brings ``largest`` below ``2**headroom``: 1 for
+    ordinary data.
 
     Scaling by a power of two is exact, so the result does not depend on
     where the data sit relative to the threshold (beyond entries below
     ``2**-126`` times the largest, which do not reach float32 sums anyway).
     """
-    return _scale_below(_largest_magnitude(x, axes, mask))
+    _, exponent = jnp.frexp(largest)
+    return jnp.ldexp(jnp.ones_like(largest), jnp.minimum(0, headroom - exponent))
 
 
 def _statistics(spec, x, mask, fallback):
     """The batch's moments ``m``, and how ``x`` is normalized: ``(used, inv, s)``.
 
     ``x_hat = (x * s - used.mean) * inv``, with ``s`` a power of two per
-    feature or row (:func:`_power_of_two_scale`; over the ``sync`` axes,
+    feature or row (:func:`_scale_below` of the largest magnitude; over the ``sync`` axes,
     one for all shards), ``used`` the moments of ``x * s`` and ``inv =
     rsqrt(var_s + epsilon * s**2)``: ``x_hat`` is right even where ``x -
     mean`` or ``var`` exceed float32, for every caller alike. Ordinary data
@@ -606,7 +602,7 @@ def _statistics(spec, x, mask, fallback):
     0``.
     """
     if spec.sync is None:
-        s = _power_of_two_scale(x, spec.axes, mask)
+        s = _scale_below(_largest_magnitude(x, spec.axes, mask))
         used = moments(x, spec.axes, mask=mask, center=spec.center, scale=s)
     else:
         used, s = _synced_moments(x, spec.axes, mask, spec.center, spec.sync)
