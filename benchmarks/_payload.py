@@ -42,24 +42,78 @@ def _tensor_bytes(types: str) -> int:
     return total
 
 
+def _matching(text: str, start: int, open_: str = '{', close: str = '}') -> int:
+    """The index just past the bracket that closes the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {open_: 1, close: -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    raise ValueError('unbalanced brackets')
+
+
 def stablehlo_collectives(text: str) -> tuple[int, int]:
-    """(number, bytes of operands) of the collectives in StableHLO text."""
-    found = _STABLEHLO.findall(text)
-    return len(found), sum(_tensor_bytes(types) for _, types in found)
+    """(number, bytes of operands) of the collectives in StableHLO text that
+    run on data in range: of the branches of a ``stablehlo.case`` (a
+    ``lax.cond``: the scaled pass for out-of-range statistics) only the one
+    that sends least counts."""
+    case = text.find('"stablehlo.case"')
+    if case < 0:
+        found = _STABLEHLO.findall(text)
+        return len(found), sum(_tensor_bytes(types) for _, types in found)
+    start = text.index('({', case) + 1
+    branches, i = [], start
+    while text[i] == '{':
+        end = _matching(text, i)
+        branches.append(stablehlo_collectives(text[i:end]))
+        i = end
+        while text[i] in ', \n':
+            i += 1
+    n, size = stablehlo_collectives(text[:case] + text[i:])
+    least = min(branches, key=lambda b: b[1])
+    return n + least[0], size + least[1]
 
 
 def hlo_collectives(text: str) -> tuple[int, int]:
-    """(number, bytes of results) of the collectives in compiled HLO text."""
-    count = size = 0
-    for shapes, _ in _HLO.findall(text):
-        count += 1
-        for dtype, dims in re.findall(r'([a-z]+\d*)\[([\d,]*)\]', shapes):
-            size += BYTES[dtype] * int(__import__('math').prod(int(d) for d in dims.split(',') if d))
+    """(number, bytes of results) of the collectives in compiled HLO text that
+    run on data in range: of a ``conditional``'s branch computations only the
+    one that sends least counts."""
+    computations = {}
+    for block in re.split(r'\n(?=\S)', text):
+        head = re.match(r'(?:ENTRY )?%?([\w.\-]+)', block)
+        if head:
+            computations[head.group(1)] = block
+
+    def own(block):
+        count = size = 0
+        for shapes, _ in _HLO.findall(block):
+            count += 1
+            for dtype, dims in re.findall(r'([a-z]+\d*)\[([\d,]*)\]', shapes):
+                size += BYTES[dtype] * int(__import__('math').prod(
+                    int(d) for d in dims.split(',') if d))
+        return count, size
+
+    skipped = set()
+    extra = [0, 0]
+    for branches in re.findall(r'branch_computations=\{([^}]*)\}', text):
+        names = [b.strip().lstrip('%') for b in branches.split(',')]
+        costs = [own(computations.get(b, '')) for b in names]
+        least = min(costs, key=lambda c: c[1])
+        extra[0] += least[0]
+        extra[1] += least[1]
+        skipped.update(names)
+    count, size = extra
+    for name, block in computations.items():
+        if name not in skipped:
+            c, b = own(block)
+            count, size = count + c, size + b
     return count, size
 
 
 def jaxpr_collectives(jaxpr) -> tuple[int, int]:
-    """(number, bytes of operands) of the named-axis reductions in a jaxpr, sub-jaxprs included."""
+    """(number, bytes of operands) of the named-axis reductions in a jaxpr,
+    sub-jaxprs included; of a ``cond``'s branches only the one that sends
+    least (data in range take it)."""
     import jax.extend
     count = size = 0
     for eqn in jaxpr.eqns:
@@ -67,8 +121,10 @@ def jaxpr_collectives(jaxpr) -> tuple[int, int]:
                                   'all_to_all', 'ppermute', 'reduce_scatter'):
             count += 1
             size += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.invars)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            c, s = jaxpr_collectives(sub)
+        subs = [jaxpr_collectives(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+        if eqn.primitive.name == 'cond' and subs:
+            subs = [min(subs, key=lambda c: c[1])]
+        for c, s in subs:
             count, size = count + c, size + s
     return count, size
 

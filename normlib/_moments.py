@@ -307,11 +307,15 @@ class Sync(NamedTuple):
     """The named axes to reduce over too, with their sizes (static).
 
     Sizes are looked up once, outside any custom rule: under ``vmap`` inside
-    ``pmap`` they cannot be looked up within one.
+    ``pmap`` they cannot be looked up within one. ``slots``: groups always
+    travel as one slot per group (:func:`_group_reduce`), never as JAX's
+    grouped collective, whose support is found out only outside a
+    ``lax.cond`` branch.
     """
     axis_name: tuple[Any, ...]
     groups: tuple[tuple[int, ...], ...] | None
     sizes: tuple[int, ...]
+    slots: bool = False
 
     @classmethod
     def of(cls, axis_name, groups) -> Sync | None:
@@ -346,10 +350,11 @@ def _group_reduce(value, sync: Sync | None, collective, empty):
         return value
     if sync.groups is None:
         return collective(value, sync.axis_name)
-    try:
-        return collective(value, sync.axis_name, axis_index_groups=sync.groups)
-    except NotImplementedError:  # raised while tracing, before anything is emitted
-        pass
+    if not sync.slots:
+        try:
+            return collective(value, sync.axis_name, axis_index_groups=sync.groups)
+        except NotImplementedError:  # raised while tracing, before anything is emitted
+            pass
     group_of = np.zeros(math.prod(sync.sizes), np.int32)
     for g, members in enumerate(sync.groups):
         group_of[list(members)] = g
@@ -385,8 +390,8 @@ def _sum_over_shards(fields, sync: Sync):
             for f in fields]
 
 
-def _merge_shards(local: Moments, scale, largest, entries: int, masked: bool, center: bool,
-                  sync: Sync):
+def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
+                  sync: Sync) -> Moments:
     r"""The moments of all the shards of ``sync`` together, with a message of
     fixed size: Chan et al.'s merge around a shift every shard agrees on.
 
@@ -394,12 +399,10 @@ def _merge_shards(local: Moments, scale, largest, entries: int, masked: bool, ce
     shard) with mean :math:`\mu_i` (``shift_i + delta_i``) and variance
     :math:`\sigma_i^2`; :math:`n = \sum_i n_i`, :math:`w_i = n_i / n`.
 
-    1. One ``psum`` of the counts, the count-weighted means and each shard's
-       ``largest / shards`` gives the shift :math:`c = \sum_i w_i \mu_i`,
-       the global mean up to rounding, bit-identical on every shard, and a
-       bound within a factor ``shards`` of the largest magnitude, which
-       sets ``s``. Without a mask every shard holds ``entries`` (mapped
-       shapes are equal), so counts are not sent.
+    1. One ``psum`` of the counts and the count-weighted means gives the
+       shift :math:`c = \sum_i w_i \mu_i`, the global mean up to rounding,
+       bit-identical on every shard. Without a mask every shard holds
+       ``entries`` (mapped shapes are equal), so counts are not sent.
     2. One ``psum`` of :math:`w_i o_i` and :math:`w_i (\sigma_i^2 + |o_i|^2)`
        with :math:`o_i = (shift_i - c) + delta_i`:
 
@@ -411,46 +414,36 @@ def _merge_shards(local: Moments, scale, largest, entries: int, masked: bool, ce
     of the spread of the shards' means and :math:`\delta` is tiny, so
     nothing cancels: as exact as :func:`merge` of the gathered parts, for
     any offset, layout and count. Weights are taken before sums, so sums of
-    large values do not overflow. For uncentered moments (RMS norm) round 1
-    sends the counts and bounds and round 2 the weighted mean squares.
+    large values do not overflow. Uncentered moments (RMS norm) need round 1
+    only: the weighted mean of the mean squares.
     """
-    shards = sync.shards
-    total = entries * shards  # the most valid entries there can be
-    fields = [local.count] if masked else []
-    if center:  # the mean, unscaled (it cannot overflow)
-        mean = local.mean / scale
-        fields.append(mean * (local.count / max(total, 1)) if masked else mean / shards)
-    fields.append(largest / shards)  # a sum over the shards cannot overflow
-    sums = _sum_over_shards(fields, sync)
-    count = sums[0] if masked else jnp.full(local.count.shape, total, local.count.dtype)
-    # The bound is at least the largest magnitude / 2**spare, so this s
-    # brings every shard's data below 2**60; it is at most each shard's own
-    # scale, so rescaling a shard's moments to it is exact.
-    spare = math.ceil(math.log2(shards)) if shards > 1 else 0
-    s = jax.lax.stop_gradient(_scale_below(sums[-1], _HEADROOM - spare))
-    ratio = s / scale
+    total = entries * sync.shards  # the most valid entries there can be
+    value = local.mean if center else local.var
     if masked:
+        count, weighted = _sum_over_shards(
+            [local.count, value * (local.count / max(total, 1))], sync)
+        # A quotient, as in _anchor: every pass computes the same shift.
+        merged = weighted / (jnp.maximum(count, 1) / max(total, 1))
         weights = local.count / jnp.maximum(count, 1)
     else:  # the same on every shard
-        weights = jnp.full(local.count.shape, 1 / shards if total else 0, local.count.dtype)
+        count = jnp.full(local.count.shape, total, local.count.dtype)
+        merged, = _sum_over_shards([value / sync.shards], sync)
+        weights = jnp.full(local.count.shape, 1 / sync.shards if total else 0,
+                           local.count.dtype)
     if not center:
-        second, = _sum_over_shards([weights * (local.var * (ratio * ratio))], sync)
-        zero = jnp.zeros_like(second)
-        return Moments(count, zero, zero, jnp.where(count > 0, second, 0)), s
-    # A quotient, as in _anchor: every pass computes the same shift.
-    merged = sums[1] / (jnp.maximum(count, 1) / max(total, 1)) if masked else sums[0]
-    shift = jax.lax.stop_gradient(merged * s)
+        zero = jnp.zeros_like(merged)
+        return Moments(count, zero, zero, jnp.where(count > 0, merged, 0))
+    shift = jax.lax.stop_gradient(merged)
     # An empty shard adds nothing; its offset is zeroed so 0 * inf cannot arise.
-    offsets = jnp.where(local.count > 0, (local.shift * ratio - shift) + local.delta * ratio, 0)
+    offsets = jnp.where(local.count > 0, (local.shift - shift) + local.delta, 0)
     # The offsets are weighted by count / 2**k (exact), and their sum divided
     # by the total's share: when every shard has the same offset (a constant
     # feature) delta is that offset exactly, and the feature normalizes to 0.
     unit = 2.0 ** math.ceil(math.log2(max(total, 1)))
-    offset_sum, second = _sum_over_shards(
-        [(local.count / unit) * offsets,
-         weights * (local.var * (ratio * ratio) + _abs2(offsets))], sync)
+    offset_sum, second = _sum_over_shards([(local.count / unit) * offsets,
+                                           weights * (local.var + _abs2(offsets))], sync)
     delta = exact_quotient(offset_sum, jnp.maximum(count, 1) / unit)
-    return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0)), s
+    return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0))
 
 
 def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
@@ -463,21 +456,12 @@ def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
     concatenated valid entries, in float32 or wider. With ``scale`` (kept
     dims, no ``sync``), the moments of ``x * scale``.
     """
-    if sync is None:
-        return _part_moments(x, axes, mask, center, scale)
-    assert scale is None, 'scaled moments are per shard'
-    used, s = _synced_moments(x, axes, mask, center, sync)
-    return Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
-
-
-def _synced_moments(x, axes, mask, center, sync: Sync):
-    """``(moments of x * s, s)`` over ``axes`` and the shards of ``sync``, with
-    ``s`` a power of two shared by the shards (:func:`_merge_shards`)."""
-    largest = _largest_magnitude(x, axes, mask)
-    scale = _scale_below(largest)
     local = _part_moments(x, axes, mask, center, scale)
+    if sync is None:
+        return local
+    assert scale is None, 'scaled moments are per shard'
     entries = math.prod(x.shape[a] for a in axes)
-    return _merge_shards(local, scale, largest, entries, mask is not None, center, sync)
+    return _merge_shards(local, entries, mask is not None, center, sync)
 
 
 def widened(param, dtype):
@@ -571,10 +555,13 @@ _HEADROOM = 60
 
 def _largest_magnitude(x, axes, mask):
     """``max |x|`` over the valid entries of ``axes`` (0 for none), kept dims."""
-    magnitude = jnp.abs(x).astype(real_dtype(x.dtype))
+    # In x's own dtype (abs and max are exact in any): a narrow input is read
+    # as it is, not widened first.
+    magnitude = jnp.abs(x)
     if mask is not None:
-        magnitude = jnp.where(mask, magnitude, 0)
-    return jax.lax.stop_gradient(jnp.max(magnitude, axis=axes, keepdims=True, initial=0))
+        magnitude = jnp.where(mask, magnitude, jnp.zeros((), magnitude.dtype))
+    largest = jnp.max(magnitude, axis=axes, keepdims=True, initial=0)
+    return jax.lax.stop_gradient(largest.astype(real_dtype(x.dtype)))
 
 
 def _scale_below(largest, headroom=_HEADROOM):
@@ -589,23 +576,87 @@ def _scale_below(largest, headroom=_HEADROOM):
     return jnp.ldexp(jnp.ones_like(largest), jnp.minimum(0, headroom - exponent))
 
 
+def _scaled_moments(x, axes, mask, center, sync):
+    """``(moments of x * s, s)`` over ``axes`` and ``sync``, with ``s`` the
+    power of two that brings the largest valid magnitude (over all shards)
+    below ``2**_HEADROOM``: sums of squares cannot overflow for data up to
+    float32's largest values. Across devices it costs one collective more
+    than :func:`moments` (the largest magnitude)."""
+    s = _scale_below(group_max(_largest_magnitude(x, axes, mask), sync))
+    local = _part_moments(x, axes, mask, center, s)
+    if sync is None:
+        return local, s
+    entries = math.prod(x.shape[a] for a in axes)
+    merged = _merge_shards(local, entries, mask is not None, center, sync)
+    # Laid out (under shard_map, varying) as the moments, as the unscaled
+    # branch's s = 1 is: lax.cond needs both branches' types equal.
+    return merged, _varying_like(s, merged.var)
+
+
+def _guarded_moments(x, axes, mask, center, sync):
+    """``(moments of x * s, s)``: :func:`moments` at ``s = 1`` when they are in
+    range, which is every call on data below about ``1e19``; otherwise
+    (a square or an offset overflowed) :func:`_scaled_moments`.
+
+    Both give the same moments to a few ulps wherever the first is in range
+    (scaling by a power of two is exact), so the choice changes no result
+    beyond rounding; ordinary data pay one check of per-feature values, and
+    the scaled pass runs only when needed. The check is global (all
+    features, and after the merge the same on every shard), so every shard
+    takes the same branch.
+    """
+    plain = moments(x, axes, mask=mask, center=center, sync=sync)
+    checked = jax.lax.stop_gradient((plain.shift, plain.delta, plain.var))
+    # Inside the branch, vmap's refusal of grouped collectives would surface
+    # only after tracing, where it cannot be caught: groups travel as slots.
+    branch_sync = None if sync is None else sync._replace(slots=True)
+    try:
+        return jax.lax.cond(_in_range(*checked), lambda p: (p, jnp.ones_like(p.var)),
+                            lambda p: _scaled_moments(x, axes, mask, center, branch_sync), plain)
+    except NameError:
+        # A collective over a vmap axis inside a cond branch cannot be traced
+        # in some nestings (vmap in pmap, differentiated outside): there the
+        # scaled pass always runs, with the same moments to a few ulps.
+        return _scaled_moments(x, axes, mask, center, sync)
+
+
+@jax.custom_batching.custom_vmap
+def _in_range(shift, delta, var):
+    """Whether moments at scale 1 are all finite, offsets squared included.
+
+    Under ``vmap`` one answer for the whole batch (any member out of range
+    sends all to the scaled pass), so the ``lax.cond`` it drives stays a
+    branch instead of becoming a select that computes both sides.
+    """
+    return (jnp.all(jnp.isfinite(shift)) & jnp.all(jnp.isfinite(_abs2(delta)))
+            & jnp.all(jnp.isfinite(var)))
+
+
+@_in_range.def_vmap
+def _in_range_vmap(axis_size, in_batched, shift, delta, var):
+    del axis_size, in_batched  # every entry counts, batched or not
+    return _in_range(shift, delta, var), False
+
+
 def _statistics(spec, x, mask, fallback):
     """The batch's moments ``m``, and how ``x`` is normalized: ``(used, inv, s)``.
 
     ``x_hat = (x * s - used.mean) * inv``, with ``s`` a power of two per
-    feature or row (:func:`_scale_below` of the largest magnitude; over the ``sync`` axes,
-    one for all shards), ``used`` the moments of ``x * s`` and ``inv =
+    feature or row, ``used`` the moments of ``x * s`` and ``inv =
     rsqrt(var_s + epsilon * s**2)``: ``x_hat`` is right even where ``x -
-    mean`` or ``var`` exceed float32, for every caller alike. Ordinary data
-    (below ``2**60`` or so) have ``s = 1``. Features with no valid entry are
-    normalized with ``fallback`` (at ``s = 1``), or without one with ``inv =
-    0``.
+    mean`` or ``var`` exceed float32, for every caller alike. Rows of
+    per-example statistics (no ``fallback``, no ``sync``) always take
+    ``s = _scale_below(max |x|)``, whose pass XLA fuses with the row's
+    others; batch statistics and synced calls take :func:`_guarded_moments`
+    (``s = 1`` unless out of range). Features with no valid entry are
+    normalized with ``fallback`` (at ``s = 1``), or without one with
+    ``inv = 0``.
     """
-    if spec.sync is None:
+    if fallback is None and spec.sync is None:
         s = _scale_below(_largest_magnitude(x, spec.axes, mask))
         used = moments(x, spec.axes, mask=mask, center=spec.center, scale=s)
     else:
-        used, s = _synced_moments(x, spec.axes, mask, spec.center, spec.sync)
+        used, s = _guarded_moments(x, spec.axes, mask, spec.center, spec.sync)
     m = Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
     empty = m.count == 0
     if fallback is not None:  # an empty feature has s = 1

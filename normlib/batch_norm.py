@@ -301,15 +301,16 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
     float32.
 
     Moments are float32 (or wider) for any input dtype, stable for data whose
-    mean is far larger than its spread, and exact across devices: with
+    mean is far larger than its spread, right up to float32's largest
+    values (moments that would overflow are taken again at a power-of-two
+    scale, on those calls only; across devices one ``pmax`` more), and
+    exact across devices: with
     ``axis_name`` the shards' moments are merged with Chan et al.'s formula,
     so uneven or empty shards give the moments of the concatenated valid
     data. The forward pass sends two ``psum``\ s whose size does not depend
-    on the number of devices: the count-weighted means and a bound on the
-    largest magnitude (``2 * features`` floats, plus the counts with a
-    ``mask``), which give every shard the same shift near the global mean
-    and the same power-of-two scale (1 for ordinary data; it keeps sums of
-    squares finite up to float32's largest values); then each shard's weighted offset from
+    on the number of devices: the count-weighted means (``features``
+    floats, plus the counts with a ``mask``), which give every shard the
+    same shift near the global mean; then each shard's weighted offset from
     that shift and second moment (``2 * features``), which merge without
     cancellation at any offset. The backward pass sends one (its two
     tangent sums, ``2 * features``); ghost batch norm sends one forward

@@ -40,6 +40,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import keras
 
+from normlib import _moments
 from normlib.batch_norm import BatchNormState, batch_norm
 from normlib.layer_norm import group_norm, layer_norm, rms_norm
 from normlib.lp_norm import l2_normalize
@@ -68,7 +69,7 @@ def _statistic(variable):
     # normlib's state is float32 or wider; a 'bfloat16' or 'float16' policy
     # stores Keras's moving statistics in that dtype.
     value = jnp.asarray(variable.value)
-    return value.astype(jnp.promote_types(value.dtype, jnp.float32))
+    return value.astype(_moments.compute_dtype(value.dtype))
 
 
 @_register

@@ -195,8 +195,11 @@ def test_axis_index_groups_normalize_within_each_group():
 
 
 def _collectives(compiled_text):
-    ops = ('all-reduce(', 'all-gather(', 'reduce-scatter(', 'collective-permute(', 'all-to-all(')
-    return sum(compiled_text.count(op) for op in ops)
+    """Collectives a call on data in range runs: of a conditional's branches
+    (the scaled pass for statistics that would overflow) only the one that
+    sends least."""
+    from benchmarks._payload import hlo_collectives
+    return hlo_collectives(compiled_text)[0]
 
 
 @pytest.mark.parametrize('mapping', ['pmap', 'shard_map'])
@@ -544,7 +547,7 @@ def test_sharded_jit_on_explicit_and_auto_meshes_equals_one_device(mesh_kind):
 ROUNDS = {'batch_norm': (2, 1), 'batch_norm masked': (2, 1), 'batch_renorm': (2, 1),
           'ghost batch norm': (1, 0), 'l1_batch_norm': (3, 2), 'lp_batch_norm p=3': (3, 2),
           'lp_batch_norm p=inf': (3, 3), 'layer_norm (sharded features)': (2, 1),
-          'rms_norm (sharded features)': (2, 1)}
+          'rms_norm (sharded features)': (1, 1)}
 
 
 @pytest.mark.long

@@ -676,3 +676,18 @@ def test_every_normalizer_is_right_up_to_float32s_largest_values_sharded_or_not(
     }
     for name, (y, ref) in got.items():
         np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_overflow_safety_under_vmap_with_one_member_out_of_range():
+    # The check that sends batch statistics to the scaled pass is one answer for a vmapped
+    # batch: members in range and out of range are both right, in one program.
+    base = RNG.normal(size=(3, 6, 4))
+    x = (base * np.array([1.0, 1e30, 1e-3])[:, None, None]).astype(np.float32)
+    state = nl.init_batch_norm(4)
+    y = jax.jit(jax.vmap(lambda v: nl.batch_norm(v, state, training=True, epsilon=1e-30)[0]))(x)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(1, keepdims=True)) / x64.std(1, keepdims=True)
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+    g = jax.grad(lambda v: jnp.sum(jax.vmap(lambda u: nl.batch_norm(
+        u, state, training=True)[0])(v)[0] ** 3))(jnp.asarray(x))
+    assert np.isfinite(np.asarray(g)).all()
