@@ -253,7 +253,7 @@ def measure(devices: int, anchors: bool = True) -> dict:
     state = normlib.init_batch_norm(FEATURES)
     sharded = jax.ShapeDtypeStruct((devices * LOCAL, FEATURES), jnp.float32,
                                    sharding=NamedSharding(mesh1, P('i')))
-    from normlib import precise
+    from normlib import _precise as precise
 
     jit_cases = {
         'batch_norm': lambda x: normlib.batch_norm(x, state, training=True),

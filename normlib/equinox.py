@@ -47,8 +47,8 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from normlib import _moments
-from normlib.batch_norm import BatchNormState, batch_norm, init_batch_norm
-from normlib.layer_norm import group_norm, layer_norm, rms_norm
+from normlib._batch_norm import BatchNormState, batch_norm, init_batch_norm
+from normlib._layer_norm import group_norm, layer_norm, rms_norm
 
 
 def _float_dtype(dtype):

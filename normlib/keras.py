@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import keras
 
 from normlib import _moments
-from normlib.batch_norm import BatchNormState, batch_norm
-from normlib.layer_norm import group_norm, layer_norm, rms_norm
-from normlib.lp_norm import l2_normalize
+from normlib._batch_norm import BatchNormState, batch_norm
+from normlib._layer_norm import group_norm, layer_norm, rms_norm
+from normlib._lp_norm import l2_normalize
 
 if keras.backend.backend() != 'jax':
     raise ImportError(

@@ -23,9 +23,9 @@ from flax.typing import Axes, Dtype, Initializer
 
 from normlib import _checks
 from normlib import _moments
-from normlib.batch_norm import BatchNormState, batch_norm, fold_batch_norm
-from normlib.layer_norm import group_norm, instance_norm, layer_norm, rms_norm
-from normlib.lp_norm import l1_normalize, l2_normalize
+from normlib._batch_norm import BatchNormState, batch_norm, fold_batch_norm
+from normlib._layer_norm import group_norm, instance_norm, layer_norm, rms_norm
+from normlib._lp_norm import l1_normalize, l2_normalize
 
 _zeros = nn.initializers.zeros
 _ones = nn.initializers.ones

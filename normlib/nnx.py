@@ -36,8 +36,8 @@ from flax.typing import Axes, Dtype, Initializer
 
 from normlib import _checks
 from normlib import _moments
-from normlib.batch_norm import BatchNormState, batch_norm
-from normlib.layer_norm import group_norm, instance_norm, layer_norm, rms_norm
+from normlib._batch_norm import BatchNormState, batch_norm
+from normlib._layer_norm import group_norm, instance_norm, layer_norm, rms_norm
 from normlib.linen import _given, _group_count, _lay_out
 
 _zeros = nnx.initializers.zeros_init()

@@ -27,7 +27,7 @@ from flax.core import frozen_dict
 
 from normlib import linen as normlib_linen
 from normlib import nnx as normlib_nnx
-from normlib import precise
+from normlib import _precise as precise
 
 _LINEN_BATCH_NORMS = (normlib_linen.BatchNorm, nn.BatchNorm)
 _NNX_BATCH_NORMS = (normlib_nnx.BatchNorm, nnx.BatchNorm)

@@ -24,7 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from normlib.batch_norm import BatchNormState
+from normlib._batch_norm import BatchNormState
 
 
 def momentum_from_torch(momentum: float | None) -> float | None:

@@ -32,3 +32,16 @@ def test_environment_report_does_not_import_flax():
             ' print(sorted(m for m in ("flax", "optax", "chex", "equinox", "keras") if m in sys.modules))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == '[]'
+
+
+PUBLIC_MODULES = ('linen', 'nnx', 'keras', 'equinox', 'precise_flax', 'torch_interop')
+
+
+def test_each_public_name_means_one_thing():
+    # A function exported by normlib is never also a module of that name, and
+    # every other module in the package is private (leading underscore).
+    import pkgutil
+    names = {m.name for m in pkgutil.iter_modules(normlib.__path__)}
+    assert not names & set(normlib.__all__), names & set(normlib.__all__)
+    public = {n for n in names if not n.startswith('_')}
+    assert public == set(PUBLIC_MODULES), public

@@ -8,7 +8,7 @@ from flax import nnx
 
 from normlib import linen as nl
 from normlib import nnx as nx
-from normlib.precise import precise_batch_stats
+from normlib._precise import precise_batch_stats
 from normlib.precise_flax import precise_linen, precise_nnx
 
 OFFSET = 1e4  # |mean| / std is about 1e4: naive float32 moments lose everything.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from normlib import _checks
 from normlib import _moments
-from normlib.batch_norm import BatchNormState
+from normlib._batch_norm import BatchNormState
 
 _MANY = 100  # the number of batches from which progress=None shows a bar
 
