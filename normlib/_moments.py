@@ -226,6 +226,19 @@ def exact_quotient(a, b):
     return a / jax.lax.optimization_barrier(b + 0 * a)
 
 
+def finite_padding(v, mask, fill=0):
+    """``v`` with its masked non-finite entries replaced by ``fill``.
+
+    Masked padding may hold NaN or inf. It adds nothing to a result, but
+    with a zero cotangent there ``0 * NaN`` would still reach the gradients
+    of everything it meets; with ``fill`` in its place it cannot. Valid
+    entries, and finite padding, are unchanged.
+    """
+    if mask is None:
+        return v
+    return jnp.where(mask | jnp.isfinite(v), v, fill)
+
+
 def _count(mask, axes, dtype=jnp.float32):
     """The number of True entries of ``mask`` over ``axes`` (kept dims), in
     ``dtype``: summed in int32 within each index of the first axis, then in
@@ -267,12 +280,12 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, count))
     # Each pass converts its own copy of x: a shared float32 copy would be
     # written to memory and read back.
-    x1, anchor1, scale1 = _schedule.private((x, anchor, scale), 1)
+    x1, anchor1, scale1 = _schedule.private((x, anchor, scale), _schedule.Pass.DELTA)
     # A quotient: a feature whose entries all equal v gets delta = v - anchor
     # exactly (n copies of a difference of nearby floats sum exactly), so it
     # normalizes to exactly 0; a product with the rounded 1 / n would not.
     delta = exact_quotient(_sum(keep(widen(x1, scale1) - anchor1), axes), jnp.maximum(count, 1))
-    x2, anchor2, scale2 = _schedule.private((x, anchor, scale), 2)
+    x2, anchor2, scale2 = _schedule.private((x, anchor, scale), _schedule.Pass.VARIANCE)
     var = _sum(keep(_abs2(widen(x2, scale2) - anchor2) * share), axes)
     var = jnp.maximum(var - _abs2(delta), 0)
     # count + 0 rather than a broadcast: it takes var's sharding on a mesh.
@@ -638,25 +651,37 @@ def _in_range_vmap(axis_size, in_batched, shift, delta, var):
     return _in_range(shift, delta, var), False
 
 
-def _statistics(spec, x, mask, fallback):
-    """The batch's moments ``m``, and how ``x`` is normalized: ``(used, inv, s)``.
+class _Statistics(NamedTuple):
+    """A call's moments, and how ``x`` is normalized with them.
 
-    ``x_hat = (x * s - used.mean) * inv``, with ``s`` a power of two per
-    feature or row, ``used`` the moments of ``x * s`` and ``inv =
-    rsqrt(var_s + epsilon * s**2)``: ``x_hat`` is right even where ``x -
-    mean`` or ``var`` exceed float32, for every caller alike. Rows of
-    per-example statistics (no ``fallback``, no ``sync``) always take
-    ``s = _scale_below(max |x|)``, whose pass XLA fuses with the row's
-    others; batch statistics and synced calls take :func:`_guarded_moments`
-    (``s = 1`` unless out of range). Features with no valid entry are
-    normalized with ``fallback`` (at ``s = 1``), or without one with
-    ``inv = 0``.
+    ``x_hat = (x * s - used.mean) * inv``.
+
+    Attributes:
+      batch: the moments of ``x`` (what the caller gets back).
+      used: the moments ``x`` is normalized with, of ``x * s``: the batch's,
+        or ``fallback`` for features with no valid entry.
+      inv: ``rsqrt(used.var + epsilon * s**2)``; 0 for a feature with no
+        valid entry and no ``fallback``.
+      s: a power of two per feature or row, 1 unless the moments at scale 1
+        overflowed.
     """
-    if fallback is None and spec.sync is None:
-        s = _scale_below(_largest_magnitude(x, spec.axes, mask))
-        used = moments(x, spec.axes, mask=mask, center=spec.center, scale=s)
-    else:
-        used, s = _guarded_moments(x, spec.axes, mask, spec.center, spec.sync)
+    batch: Moments
+    used: Moments
+    inv: jax.Array
+    s: jax.Array
+
+
+def _statistics(spec, x, mask, fallback) -> _Statistics:
+    """The :class:`_Statistics` of ``x`` over ``spec.axes`` and ``spec.sync``.
+
+    One regime for every caller (batch, layer, RMS, group and instance
+    norm, synced or not): :func:`_guarded_moments` computes the moments at
+    scale 1, and again at a power of two ``s`` only when they are out of
+    range, so ``x_hat`` is right even where ``x - mean`` or ``var`` exceed
+    float32. Features with no valid entry are normalized with ``fallback``
+    (at ``s = 1``), or without one with ``inv = 0``.
+    """
+    used, s = _guarded_moments(x, spec.axes, mask, spec.center, spec.sync)
     m = Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
     empty = m.count == 0
     if fallback is not None:  # an empty feature has s = 1
@@ -668,34 +693,40 @@ def _statistics(spec, x, mask, fallback):
     # feature (the entries are 2**36 apart at that scale), whose x_hat is 0.
     tiny = jnp.finfo(used.var.dtype).tiny
     inv = jax.lax.rsqrt(jnp.maximum(used.var + spec.epsilon * (s * s), tiny))
-    return m, used, inv if fallback is not None else jnp.where(empty, 0, inv), s
+    return _Statistics(m, used, inv if fallback is not None else jnp.where(empty, 0, inv), s)
 
 
-def _output(spec, x, scale, bias, used, inv, s):
-    xhat = _standard(*_schedule.private((x, used, inv, s), 3), spec.center)
-    return _affine(xhat, scale, bias).astype(x.dtype)
+def _x_hat(spec, x, stats: _Statistics, step: _schedule.Pass):
+    """``x_hat`` in the compute dtype, computed again in pass ``step``."""
+    x, used, inv, s = _schedule.private((x, stats.used, stats.inv, stats.s), step)
+    return _standard(x, used, inv, s, spec.center)
+
+
+def _output(spec, x, scale, bias, stats: _Statistics):
+    return _affine(_x_hat(spec, x, stats, _schedule.Pass.OUTPUT), scale, bias).astype(x.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _standardize(spec, x, scale, bias, mask, fallback):
-    m, used, inv, s = _statistics(spec, x, mask, fallback)
-    return _output(spec, x, scale, bias, used, inv, s), m
+    stats = _statistics(spec, x, mask, fallback)
+    return _output(spec, x, scale, bias, stats), stats.batch
 
 
 @_standardize.defjvp
 def _standardize_jvp(spec, primals, tangents):
     x, scale, bias, mask, fallback = primals
     dx, dscale, dbias, _, _ = tangents
-    m, used, inv, s = _statistics(spec, x, mask, fallback)
-    y = _output(spec, x, scale, bias, used, inv, s)
+    stats = _statistics(spec, x, mask, fallback)
+    y = _output(spec, x, scale, bias, stats)
     # Checkpointed, the tangent maps keep only their inputs (x and
     # per-feature vectors) for the reverse pass, which recomputes x_hat. The
     # collective stays outside: checkpoints lose vmap's named axes.
     remat = lambda f: jax.checkpoint(functools.partial(f, spec), prevent_cse=False)
-    sums = group_sum(remat(_tangent_sums)(x, mask, used, inv, s, dx), spec.sync)
-    means = sums / jnp.maximum(m.count, 1)[None]
-    dy, dm = remat(_tangent)(x, scale, mask, m, used, inv, s, means, dx, dscale, dbias)
-    return (y, m), (dy, dm)
+    sums = group_sum(remat(_tangent_sums)(x, stats, dx=dx, mask=mask), spec.sync)
+    means = sums / jnp.maximum(stats.batch.count, 1)[None]
+    dy, dm = remat(_tangent)(x, stats, means, scale=scale, mask=mask, dx=dx, dscale=dscale,
+                             dbias=dbias)
+    return (y, stats.batch), (dy, dm)
 
 
 def _varying_like(value, like):
@@ -717,10 +748,10 @@ def _varying_axes(v) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, 'vma', ()))
 
 
-def _tangent_sums(spec, x, mask, used, inv, s, dx):
+def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask):
     """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries."""
     dxf = dx.astype(compute_dtype(x.dtype))
-    xhat = _standard(*_schedule.private((x, used, inv, s), 4), spec.center)
+    xhat = _x_hat(spec, x, stats, _schedule.Pass.TANGENT_SUMS)
     if mask is not None:
         xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
     sums = [_sum(_real_product(xhat, dxf), spec.axes)]
@@ -729,11 +760,11 @@ def _tangent_sums(spec, x, mask, used, inv, s, dx):
     return jnp.stack(sums)
 
 
-def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
+def _tangent(spec, x, stats: _Statistics, means, *, scale, mask, dx, dscale, dbias):
     r"""The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
 
-    With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` (of the
-    moments ``used``, at scale ``s``: see :func:`_statistics`) and ``means``
+    With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` (of
+    ``stats``, at scale ``s``: see :func:`_statistics`) and ``means``
     the means of ``Re(conj(x_hat) * dx)`` and ``dx`` over the valid entries
     (and the ``sync`` axes):
 
@@ -748,13 +779,12 @@ def _tangent(spec, x, scale, mask, m, used, inv, s, means, dx, dscale, dbias):
     before they are broadcast, so the reverse pass reduces ``sum(g)`` and
     ``sum(g * x_hat)`` once each.
     """
-    xhat = _standard(*_schedule.private((x, used, inv, s), 5), spec.center)
-    if mask is not None:
-        # Masked padding may hold NaN or inf: with no cotangent there, it must
-        # not reach the sums of the reverse pass.
-        xhat = jnp.where(mask | jnp.isfinite(xhat), xhat, 0)
+    # Masked padding may hold NaN or inf: with no cotangent there, it must
+    # not reach the sums of the reverse pass.
+    xhat = finite_padding(_x_hat(spec, x, stats, _schedule.Pass.TANGENT), mask)
+    m = stats.batch
     local = _varying_like(means, x)  # what meets x: per shard, cast once
-    inv = inv if s is None else inv * s  # per unit of x
+    inv = stats.inv * stats.s  # per unit of x
     factor = inv if scale is None else inv * scale
     slope = -factor * local[0].real if dscale is None else dscale - factor * local[0].real
     dy = factor * dx.astype(compute_dtype(x.dtype)) + xhat * slope
@@ -814,8 +844,7 @@ def lp_deviation(x, axes, m: Moments, p: float, *, mask=None, sync: Sync | None 
     Masked entries (even NaN or inf) add nothing, gradient included. One
     collective (two for ``p > 8``).
     """
-    if mask is not None:  # finite stand-ins keep NaN padding out of the gradient
-        x = jnp.where(mask, x, m.shift)
+    x = finite_padding(x, mask, m.shift)
     magnitude = jnp.abs((x - m.shift) - m.delta)
     if mask is not None:
         magnitude = jnp.where(mask, magnitude, 0)

@@ -12,13 +12,24 @@ computes the same numbers.
 
 from __future__ import annotations
 
+import enum
+
 import jax
 
 
-def private(values, tag: int):
+class Pass(enum.IntEnum):
+    """The passes over ``x`` that take a private copy of their operands."""
+    DELTA = 1  # the sum of x - anchor
+    VARIANCE = 2  # the sum of |x - anchor|**2
+    OUTPUT = 3  # y
+    TANGENT_SUMS = 4  # the sums of the tangent (and, transposed, the cotangent)
+    TANGENT = 5  # dy
+
+
+def private(values, tag: Pass):
     """``values`` (a pytree) as a copy private to one pass, on CPU; unchanged elsewhere.
 
-    ``tag`` (>= 1) tells the copies of one computation apart. XLA drops a
+    ``tag`` tells the copies of one computation apart. XLA drops a
     barrier's unused operands and then merges barriers with the same
     operands, so copy ``tag`` goes through ``tag`` nested barriers: each
     level's operands are the previous level's results, which no other copy
