@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -10,6 +11,9 @@ import jax.numpy as jnp
 
 from normlib import _checks
 from normlib import _moments
+
+# A mapped axis name (pmap, vmap, shard_map), or a tuple of them.
+AxisName = Hashable | tuple[Hashable, ...]
 
 
 class BatchNormState(NamedTuple):
@@ -119,7 +123,8 @@ def _params(name, value, features, broadcast):
     return value.reshape(broadcast)
 
 
-def _update(state, batch: _moments.Moments, momentum, unbiased, zero_debias=False):
+def _update(state: BatchNormState, batch: _moments.Moments, *, momentum: float | None,
+            unbiased: bool, zero_debias: bool) -> BatchNormState:
     """Folds one batch's moments (feature shape) into the running state.
 
     Each statistic becomes ``(1 - w) * old + w * new``, with both weights
@@ -130,8 +135,9 @@ def _update(state, batch: _moments.Moments, momentum, unbiased, zero_debias=Fals
     counts each feature's own updates; a scalar one the calls that saw any
     feature. Counts stop at int32's largest value instead of wrapping (the
     weight ``1 / (count + 1)`` of a later batch is below float32's
-    resolution long before).
+    resolution long before). No gradient reaches the running statistics.
     """
+    state, batch = jax.lax.stop_gradient((state, batch))
     count = batch.count
     seen = count > 0
     var = batch.var
@@ -172,26 +178,32 @@ def _update(state, batch: _moments.Moments, momentum, unbiased, zero_debias=Fals
 
 
 class _Call(NamedTuple):
-    """A checked batch-norm call: everything reshaped to broadcast against x."""
+    """A checked batch-norm call: everything shaped to broadcast against ``x``.
+
+    A chunked call (ghost batch norm) has ``x`` reshaped to ``(chunks, size,
+    ...)`` and keeps axis 0 besides the features: each chunk has moments of
+    its own.
+    """
     x: jax.Array
     scale: jax.Array | None
     bias: jax.Array | None
     mask: jax.Array | None
-    feature_axes: tuple[int, ...]
-    features: tuple[int, ...]
-    broadcast: tuple[int, ...]
+    kept: tuple[int, ...]  # the axes the moments keep (features; and chunks)
+    reduced: tuple[int, ...]  # every other axis
+    features: tuple[int, ...]  # the state's shape
     epsilon: float
     momentum: float | None
     sync: _moments.Sync | None
-    fallback: tuple[jax.Array, jax.Array]
+    fallback: tuple[jax.Array, jax.Array]  # the running (mean, var), no gradient
+    chunks: int | None = None
 
 
-def _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                axis_index_groups, mask, *, complex_ok=True) -> _Call:
+def _check_call(x, state, *, scale, bias, training, axis, momentum, epsilon, axis_name,
+                axis_index_groups, mask, complex_ok) -> _Call:
     x = _checks.floating('x', x, complex_ok=complex_ok)
-    feature_axes = _checks.axes('axis', axis, x.ndim)
-    features = _checks.features_of(x.shape, feature_axes)
-    broadcast = tuple(d if i in feature_axes else 1 for i, d in enumerate(x.shape))
+    kept = _checks.axes('axis', axis, x.ndim)
+    features = _checks.features_of(x.shape, kept)
+    broadcast = tuple(d if i in kept else 1 for i, d in enumerate(x.shape))
     _check_state(state, features, x.dtype)
     if not isinstance(training, bool):
         raise TypeError(f'training must be a Python bool, got {training!r}.')
@@ -202,7 +214,8 @@ def _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_n
     fallback = tuple(jax.lax.stop_gradient(s).reshape(broadcast) for s in (state.mean, state.var))
     return _Call(
         x, _params('scale', scale, features, broadcast), _params('bias', bias, features, broadcast),
-        None if mask is None else _checks.mask(mask, x.shape), feature_axes, features, broadcast,
+        None if mask is None else _checks.mask(mask, x.shape), kept,
+        tuple(i for i in range(x.ndim) if i not in kept), features,
         _checks.epsilon(epsilon, x.dtype), _checks.momentum(momentum), sync, fallback)
 
 
@@ -210,66 +223,88 @@ def _evaluate(call):
     return _moments.normalize(call.x, *call.fallback, call.scale, call.bias, epsilon=call.epsilon)
 
 
-def _standardize(call, scale, bias):
-    """Training-mode normalization; returns y and the batch's moments (feature shape).
+def _train(call: _Call, state: BatchNormState, statistic, *, virtual_batch_size: int | None,
+           unbiased: bool, zero_debias: bool):
+    """The one training path of every batch-norm variant.
 
-    Features with no valid entry are normalized with the running statistics.
+    ``statistic(call)`` is the variant: it normalizes ``call.x`` and returns
+    ``(y, moments)``, the moments kept-dims over ``call.reduced`` with
+    ``var`` the square of its spread (the standard deviation, an Lp spread).
+    With ``virtual_batch_size`` it sees each chunk of that many examples as
+    a batch of its own. Returns ``y`` and the updated state.
     """
-    reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
-    y, m = _moments.standardize(call.x, scale, bias, axes=reduced, epsilon=call.epsilon,
-                                mask=call.mask, sync=call.sync, fallback=call.fallback)
-    return y, _per_feature(call, m)
+    if virtual_batch_size is None:
+        y, m = statistic(call)
+        batch = _features(call, m)
+    else:
+        chunked = _chunked(call, virtual_batch_size)
+        y, m = statistic(chunked)
+        y = y.reshape(call.x.shape)
+        batch = _chunk_average(_features(chunked, m), call.sync, unbiased)
+        unbiased = False  # taken per chunk
+    return y, _update(state, batch, momentum=call.momentum, unbiased=unbiased,
+                      zero_debias=zero_debias)
 
 
-def _per_feature(call, m: _moments.Moments) -> _moments.Moments:
-    """Kept-dims moments laid out as the feature shape, without gradient;
-    the mean in ``shift``, ``delta`` zero."""
-    count, mean, var = (jnp.broadcast_to(jax.lax.stop_gradient(v), call.broadcast)
-                        .reshape(call.features) for v in (m.count, m.mean, m.var))
-    return _moments.Moments(count, mean, jnp.zeros_like(mean), var)
+def _features(call: _Call, m: _moments.Moments) -> _moments.Moments:
+    """Kept-dims moments laid out as the state (after a leading axis of chunks
+    for a chunked call), without gradient."""
+    return jax.lax.stop_gradient(_moments.by_kept_axes(m, call.x.shape, call.kept))
 
 
-def _ghost(call, size, unbiased):
-    """Normalizes each chunk of ``size`` examples along axis 0 by itself.
-
-    Returns y and the chunks' average moments (feature shape) over this call's
-    devices, chunks without valid entries left out; ``unbiased`` applies
-    ``n / (n - 1)`` to each chunk's variance.
-    """
-    x, n = call.x, call.x.shape[0]
+def _chunked(call: _Call, size) -> _Call:
+    """``call`` with its ``n`` examples along axis 0 cut into ``n / size``
+    chunks, each with moments of its own (on its own device)."""
+    n = call.x.shape[0]
     size = _checks.integer('virtual_batch_size', size, 'a positive int dividing the batch axis')
     if size < 1 or n % size:
         raise ValueError(
             f'virtual_batch_size={size!r} must be a positive int dividing the batch axis (axis 0,'
             f' size {n}).')
-    if 0 in call.feature_axes:
+    if 0 in call.kept:
         raise ValueError('virtual_batch_size needs axis 0 (the batch axis) to be reduced, but'
-                         f' axis={call.feature_axes} keeps it.')
+                         f' axis={call.kept} keeps it.')
     chunked = lambda a: None if a is None else a.reshape((n // size, size) + a.shape[1:])
     lift = lambda a: None if a is None else a[None]
-    reduced = tuple(i + 1 for i in range(x.ndim) if i not in call.feature_axes and i != 0) + (1,)
-    y, m = _moments.standardize(chunked(x), lift(call.scale), lift(call.bias),
-                                axes=tuple(sorted(reduced)), epsilon=call.epsilon,
-                                mask=chunked(call.mask),
-                                fallback=tuple(lift(v) for v in call.fallback))
-    count, mean, var = (jax.lax.stop_gradient(v).reshape((-1,) + call.features)
-                        for v in (m.count, m.mean, m.var))
+    kept = (0,) + tuple(i + 1 for i in call.kept)
+    return call._replace(
+        x=chunked(call.x), scale=lift(call.scale), bias=lift(call.bias), mask=chunked(call.mask),
+        kept=kept, reduced=tuple(i for i in range(call.x.ndim + 1) if i not in kept), sync=None,
+        fallback=tuple(lift(v) for v in call.fallback), chunks=n // size)
+
+
+def _chunk_average(chunks: _moments.Moments, sync, unbiased) -> _moments.Moments:
+    """The average of the chunks' means and variances (a leading axis of
+    chunks, over all shards of ``sync``), chunks without valid entries left
+    out; ``count`` is the number of chunks averaged. ``unbiased`` applies
+    ``n / (n - 1)`` to each chunk's variance."""
+    count, mean, var = chunks.count, chunks.mean, chunks.var
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
     used = (count > 0).astype(mean.dtype)
     totals = jnp.stack([jnp.sum(used * m, axis=0) for m in (used, mean, var)])
-    totals = _moments.group_sum(totals, call.sync)
+    totals = _moments.group_sum(totals, sync)
     chunks = jnp.maximum(totals[0].real, 1)
     mean = totals[1] / chunks
-    return y.reshape(x.shape), _moments.Moments(totals[0].real, mean, jnp.zeros_like(mean),
-                                                totals[2].real / chunks)
+    return _moments.Moments(totals[0].real, mean, jnp.zeros_like(mean), totals[2].real / chunks)
 
 
-def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: bool,
-               axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
-               axis_name=None, axis_index_groups=None, mask=None,
-               unbiased_running_var: bool = False, virtual_batch_size: int | None = None,
-               zero_debias: bool = False):
+def _standard_deviation(call: _Call):
+    """Batch norm's statistic: the standard deviation (a custom derivative
+    rule with a one-round backward pass across devices)."""
+    return _moments.standardize(call.x, call.scale, call.bias, axes=call.reduced,
+                                epsilon=call.epsilon, mask=call.mask, sync=call.sync,
+                                fallback=call.fallback)
+
+
+def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
+               bias: jax.Array | None = None, *, training: bool,
+               axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
+               epsilon: float = 1e-5, axis_name: AxisName | None = None,
+               axis_index_groups: Sequence[Sequence[int]] | None = None,
+               mask: jax.Array | None = None, unbiased_running_var: bool = False,
+               virtual_batch_size: int | None = None,
+               zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
     r"""Batch normalization (Ioffe & Szegedy, 2015) with explicit state.
 
     In training mode, with the moments taken over every axis of ``x`` except
@@ -392,22 +427,24 @@ def batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: boo
         >>> bool(jnp.allclose(y_sharded.reshape(32, 4), y_single, atol=1e-6))
         True
     """
-    call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                       axis_index_groups, mask)
+    call = _check_call(x, state, scale=scale, bias=bias, training=training, axis=axis,
+                       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                       axis_index_groups=axis_index_groups, mask=mask, complex_ok=True)
     if not training:
         return _evaluate(call), state
-    if virtual_batch_size is None:
-        y, batch = _standardize(call, call.scale, call.bias)
-    else:
-        y, batch = _ghost(call, virtual_batch_size, unbiased_running_var)
-        unbiased_running_var = False
-    return y, _update(jax.lax.stop_gradient(state), batch, call.momentum,
-                      unbiased_running_var, zero_debias)
+    return _train(call, state, _standard_deviation, virtual_batch_size=virtual_batch_size,
+                  unbiased=unbiased_running_var, zero_debias=zero_debias)
 
 
-def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: bool, r_max,
-                 d_max, axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
-                 axis_name=None, mask=None):
+def batch_renorm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
+                 bias: jax.Array | None = None, *, r_max: float | jax.Array,
+                 d_max: float | jax.Array, training: bool,
+                 axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
+                 epsilon: float = 1e-5, axis_name: AxisName | None = None,
+                 axis_index_groups: Sequence[Sequence[int]] | None = None,
+                 mask: jax.Array | None = None, unbiased_running_var: bool = False,
+                 virtual_batch_size: int | None = None,
+                 zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
     r"""Batch renormalization (Ioffe, 2017).
 
     In training mode, with batch moments :math:`\mu_B, \sigma_B^2` as in
@@ -427,6 +464,24 @@ def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: b
     Evaluation mode is batch norm's. ``r_max`` and ``d_max`` may be traced
     scalars, to follow a schedule such as :func:`renorm_schedule`.
 
+    Every option of :func:`batch_norm` works the same way: masks, empty
+    features (``r = 1``, ``d = 0``: normalized with the running statistics),
+    ``axis_name`` and ``axis_index_groups`` (batch norm's collectives: the
+    correction needs only the merged moments and the replicated state),
+    ``unbiased_running_var``, ``zero_debias``, and ``virtual_batch_size``
+    (each chunk renormalized with its own moments against the running
+    statistics).
+
+    Args:
+      r_max: the largest ratio of the batch to the running standard
+        deviation, >= 1.
+      d_max: the largest shift of the batch from the running mean, in running
+        standard deviations, >= 0.
+      Others: as in :func:`batch_norm`.
+
+    Returns:
+      ``(y, new_state)``; ``y`` has ``x``'s dtype and shape.
+
     References:
       Ioffe, `Batch Renormalization: Towards Reducing Minibatch Dependence in
       Batch-Normalized Models <https://arxiv.org/abs/1702.03275>`_, 2017.
@@ -440,47 +495,57 @@ def batch_renorm(x, state: BatchNormState, scale=None, bias=None, *, training: b
         >>> y.shape, int(state.count)
         ((16, 3), 1)
     """
-    call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                       None, mask, complex_ok=False)
+    call = _check_call(x, state, scale=scale, bias=bias, training=training, axis=axis,
+                       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                       axis_index_groups=axis_index_groups, mask=mask, complex_ok=False)
     for name, value, low in (('r_max', r_max, 1.0), ('d_max', d_max, 0.0)):
         if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
             raise ValueError(f'{name} must be >= {low:g}, got {value!r}.')
     if not training:
         return _evaluate(call), state
-    xhat, batch = _standardize(call, None, None)
-    count, mean, var = batch.count, batch.mean, batch.var
-    state = jax.lax.stop_gradient(state)
-    sigma = jnp.sqrt(state.var + call.epsilon)
-    seen = count > 0  # features with no valid entry: normalized with the state, r = 1, d = 0
-    r = jnp.where(seen, jnp.clip(jnp.sqrt(var + call.epsilon) / sigma, 1.0 / r_max, r_max), 1)
-    d = jnp.where(seen, jnp.clip((mean - state.mean) / sigma, -d_max, d_max), 0)
-    r, d = (jax.lax.stop_gradient(v).reshape(call.broadcast) for v in (r, d))
-    y = _masked_affine(call, lambda xhat: xhat.astype(r.dtype) * r + d, xhat)
-    return y.astype(call.x.dtype), _update(state, batch, call.momentum, False)
+    statistic = lambda call: _renormalized(call, r_max, d_max)
+    return _train(call, state, statistic, virtual_batch_size=virtual_batch_size,
+                  unbiased=unbiased_running_var, zero_debias=zero_debias)
 
 
-def _masked_affine(call, standard, v):
+def _renormalized(call: _Call, r_max, d_max):
+    """Batch renorm's statistic: the standard deviation, with the clipped
+    correction ``(r, d)`` towards the running statistics."""
+    xhat, m = _moments.standardize(call.x, axes=call.reduced, epsilon=call.epsilon,
+                                   mask=call.mask, sync=call.sync, fallback=call.fallback)
+    running_mean, running_var = call.fallback
+    sigma = jnp.sqrt(running_var + call.epsilon)
+    seen = m.count > 0  # features with no valid entry: normalized with the state, r = 1, d = 0
+    r = jnp.where(seen, jnp.clip(jnp.sqrt(m.var + call.epsilon) / sigma, 1.0 / r_max, r_max), 1)
+    d = jnp.where(seen, jnp.clip((m.mean - running_mean) / sigma, -d_max, d_max), 0)
+    r, d = jax.lax.stop_gradient((r, d))
+    y = _padded_affine(call, lambda xhat: xhat.astype(r.dtype) * r + d, xhat)
+    return y.astype(call.x.dtype), m
+
+
+def _padded_affine(call: _Call, standard, v):
     """``standard(v) * scale + bias`` (elementwise), with no gradient from masked non-finite ``v``.
 
     Masked padding may hold NaN or inf. Its outputs are what they are, but
     with a zero cotangent there, ``0 * NaN`` must not reach the gradients of
-    ``scale``, the statistics and ``x``: the differentiated branch sees 0 in
-    its place.
+    ``scale``, the statistics and ``x``: the differentiated branch sees
+    :func:`~normlib._moments.finite_padding` in its place.
     """
-    def affine(v):
-        v = standard(v)
-        v = v if call.scale is None else v * _moments.widened(call.scale, v.dtype)
-        return v if call.bias is None else v + _moments.widened(call.bias, v.dtype)
+    affine = lambda v: _moments.affine(standard(v), call.scale, call.bias)
     if call.mask is None:
         return affine(v)
-    ok = call.mask | jnp.isfinite(v)
-    return jnp.where(ok, affine(jnp.where(ok, v, 0)), jax.lax.stop_gradient(affine(v)))
+    safe = _moments.finite_padding(v, call.mask)
+    return jnp.where(call.mask | jnp.isfinite(v), affine(safe), jax.lax.stop_gradient(affine(v)))
 
 
-def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
-                  training: bool, axis=-1, momentum: float | None = 0.99,
-                  epsilon: float = 1e-5, axis_name=None, axis_index_groups=None, mask=None,
-                  unbiased_running_var: bool = False, zero_debias: bool = False):
+def lp_batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
+                  bias: jax.Array | None = None, *, p: float, training: bool,
+                  axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
+                  epsilon: float = 1e-5, axis_name: AxisName | None = None,
+                  axis_index_groups: Sequence[Sequence[int]] | None = None,
+                  mask: jax.Array | None = None, unbiased_running_var: bool = False,
+                  virtual_batch_size: int | None = None,
+                  zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
     r"""Lp batch normalization (Santurkar, Tsipras, Ilyas & Madry, 2018, Section 3.3).
 
     Batch norm with the standard deviation replaced by the Lp spread of the
@@ -507,11 +572,15 @@ def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
     batch returns an empty ``y`` and the state unchanged, as in
     :func:`batch_norm`. Gradients, in forward and reverse mode, flow
     through :math:`\mu_B` and :math:`s_B` (at ``p = inf`` through the
-    largest deviation).
+    largest deviation). ``virtual_batch_size`` normalizes each chunk by its
+    own spread, as in :func:`batch_norm`.
 
     Args:
       p: the exponent, > 0, or ``float('inf')``.
       Others: as in :func:`batch_norm`.
+
+    Returns:
+      ``(y, new_state)``; ``y`` has ``x``'s dtype and shape.
 
     References:
       Santurkar, Tsipras, Ilyas & Madry, `How Does Batch Normalization Help
@@ -529,15 +598,21 @@ def lp_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, p: float,
         True
     """
     p = _checks.positive('p', p)
-    call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                       axis_index_groups, mask, complex_ok=False)
-    return _spread_norm(call, state, p, 1.0, training, unbiased_running_var, zero_debias)
+    return _spread_norm(x, state, scale, bias, p=p, factor=1.0, training=training, axis=axis,
+                        momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, mask=mask,
+                        unbiased_running_var=unbiased_running_var, zero_debias=zero_debias,
+                        virtual_batch_size=virtual_batch_size)
 
 
-def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: bool,
-                  axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
-                  axis_name=None, axis_index_groups=None, mask=None,
-                  unbiased_running_var: bool = False, zero_debias: bool = False):
+def l1_batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
+                  bias: jax.Array | None = None, *, training: bool,
+                  axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
+                  epsilon: float = 1e-5, axis_name: AxisName | None = None,
+                  axis_index_groups: Sequence[Sequence[int]] | None = None,
+                  mask: jax.Array | None = None, unbiased_running_var: bool = False,
+                  virtual_batch_size: int | None = None,
+                  zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
     r"""L1 batch normalization (Hoffer, Banner, Golan & Soudry, 2018).
 
     Batch norm with the standard deviation replaced by the scaled mean
@@ -554,8 +629,15 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
     :func:`batch_norm`'s: the running ``var`` tracks :math:`s_B^2` (times
     ``n / (n - 1)`` if ``unbiased_running_var``), so evaluation mode is
     batch norm's; masks and ``axis_name`` work the same (three forward
-    collectives, as in :func:`lp_batch_norm`). Gradients flow through
-    :math:`\mu_B` and :math:`s_B`.
+    collectives, as in :func:`lp_batch_norm`), and so do
+    ``virtual_batch_size``, ``unbiased_running_var`` and ``zero_debias``.
+    Gradients flow through :math:`\mu_B` and :math:`s_B`.
+
+    Args:
+      As in :func:`batch_norm`.
+
+    Returns:
+      ``(y, new_state)``; ``y`` has ``x``'s dtype and shape.
 
     References:
       Hoffer, Banner, Golan & Soudry, `Norm matters: efficient and accurate
@@ -568,36 +650,47 @@ def l1_batch_norm(x, state: BatchNormState, scale=None, bias=None, *, training: 
         >>> print(jnp.round(jnp.sqrt(state.var), 1).tolist())  # about the std for Gaussian data
         [2.0, 2.0]
     """
-    call = _check_call(x, state, scale, bias, training, axis, momentum, epsilon, axis_name,
-                       axis_index_groups, mask, complex_ok=False)
-    return _spread_norm(call, state, 1.0, math.sqrt(math.pi / 2), training,
-                        unbiased_running_var, zero_debias)
+    return _spread_norm(x, state, scale, bias, p=1.0, factor=math.sqrt(math.pi / 2),
+                        training=training, axis=axis, momentum=momentum, epsilon=epsilon,
+                        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+                        unbiased_running_var=unbiased_running_var, zero_debias=zero_debias,
+                        virtual_batch_size=virtual_batch_size)
 
 
-def _spread_norm(call, state, p, factor, training, unbiased_running_var, zero_debias):
+def _spread_norm(x, state, scale, bias, *, p, factor, training, axis, momentum, epsilon,
+                 axis_name, axis_index_groups, mask, unbiased_running_var, zero_debias,
+                 virtual_batch_size):
     """Batch norm with the spread ``factor * lp_deviation`` in place of the std."""
+    call = _check_call(x, state, scale=scale, bias=bias, training=training, axis=axis,
+                       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                       axis_index_groups=axis_index_groups, mask=mask, complex_ok=False)
     if not training:
         return _evaluate(call), state
-    reduced = tuple(i for i in range(call.x.ndim) if i not in call.feature_axes)
+    statistic = lambda call: _lp_spread(call, p, factor)
+    return _train(call, state, statistic, virtual_batch_size=virtual_batch_size,
+                  unbiased=unbiased_running_var, zero_debias=zero_debias)
+
+
+def _lp_spread(call: _Call, p, factor):
+    """Lp batch norm's statistic: ``factor`` times the Lp spread (plain autodiff)."""
     xf = call.x.astype(_moments.compute_dtype(call.x.dtype))
     # Masked padding (even NaN or inf) must reach neither the moments nor their gradients.
-    valid = xf if call.mask is None else jnp.where(call.mask, xf, 0)
-    m = _moments.moments(valid, reduced, mask=call.mask, sync=call.sync)
-    spread = factor * _moments.lp_deviation(valid, reduced, m, p, mask=call.mask, sync=call.sync)
-    count, mean, var = m.count, m.mean, jnp.square(spread)
-    seen = count > 0  # features with no valid entry: normalized with the state
-    fallback_mean, fallback_var = call.fallback
-    used = _moments.Moments(count, jnp.where(seen, m.shift, fallback_mean),
-                            jnp.where(seen, m.delta, 0), jnp.where(seen, var, fallback_var))
+    valid = _moments.finite_padding(xf, call.mask)
+    m = _moments.moments(valid, call.reduced, mask=call.mask, sync=call.sync)
+    spread = factor * _moments.lp_deviation(valid, call.reduced, m, p, mask=call.mask,
+                                            sync=call.sync)
+    m = m._replace(var=jnp.square(spread))
+    seen = m.count > 0  # features with no valid entry: normalized with the state
+    running_mean, running_var = call.fallback
+    used = _moments.Moments(m.count, jnp.where(seen, m.shift, running_mean),
+                            jnp.where(seen, m.delta, 0), jnp.where(seen, m.var, running_var))
     standard = lambda v: _moments.standardize_with(v, used, epsilon=call.epsilon)
-    y = _masked_affine(call, standard, xf).astype(call.x.dtype)
-    batch = _per_feature(call, _moments.Moments(count, mean, jnp.zeros_like(mean), var))
-    return y, _update(jax.lax.stop_gradient(state), batch, call.momentum,
-                      unbiased_running_var, zero_debias)
+    return _padded_affine(call, standard, xf).astype(call.x.dtype), m
 
 
-def renorm_schedule(step, *, warmup: int = 5000, r_max: float = 3.0, d_max: float = 5.0,
-                    r_steps: int = 40000, d_steps: int = 25000):
+def renorm_schedule(step: int | jax.Array, *, warmup: int = 5000, r_max: float = 3.0,
+                    d_max: float = 5.0, r_steps: int = 40000,
+                    d_steps: int = 25000) -> tuple[jax.Array, jax.Array]:
     """Ioffe (2017)'s ``(r_max, d_max)`` at ``step``: plain batch norm for
     ``warmup`` steps, then linear ramps reaching ``r_max`` at step ``r_steps``
     and ``d_max`` at step ``d_steps``. ``step`` may be traced.
@@ -615,8 +708,9 @@ def renorm_schedule(step, *, warmup: int = 5000, r_max: float = 3.0, d_max: floa
     return ramp(r_steps, r_max, 1.0), ramp(d_steps, d_max, 0.0)
 
 
-def fold_batch_norm(kernel, bias, state: BatchNormState, scale=None, bn_bias=None, *,
-                    epsilon: float):
+def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, state: BatchNormState,
+                    scale: jax.Array | None = None, bn_bias: jax.Array | None = None, *,
+                    epsilon: float) -> tuple[jax.Array, jax.Array]:
     r"""Folds an evaluation-mode batch norm into the preceding Dense or Conv.
 
     For a layer ``h = x @ kernel + bias`` (features last; any conv kernel

@@ -459,6 +459,14 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0))
 
 
+def by_kept_axes(m: Moments, shape, kept) -> Moments:
+    """Kept-dims moments of an array of ``shape`` laid out as the sizes of the
+    ``kept`` axes (the feature shape)."""
+    kept_dims = tuple(d if i in kept else 1 for i, d in enumerate(shape))
+    return Moments(*(jnp.broadcast_to(v, kept_dims).reshape(tuple(shape[i] for i in kept))
+                     for v in m))
+
+
 def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
             scale=None) -> Moments:
     """The :class:`Moments` of ``x`` over ``axes`` (kept dims) and the ``sync`` axes.
@@ -492,7 +500,8 @@ def widened(param, dtype):
     return param.astype(dtype)
 
 
-def _affine(y, scale, bias):
+def affine(y, scale, bias):
+    """``y * scale + bias``, each optional, the parameters :func:`widened` to ``y``'s dtype."""
     if scale is not None:
         y = y * widened(scale, y.dtype)
     if bias is not None:
@@ -504,7 +513,7 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon):
     """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` in ``x``'s dtype."""
     dtype = compute_dtype(x.dtype)
     y = (x.astype(dtype) - mean) * jax.lax.rsqrt(var + epsilon)
-    return _affine(y, scale, bias).astype(x.dtype)
+    return affine(y, scale, bias).astype(x.dtype)
 
 
 def standardize_with(x, m: Moments, *, epsilon):
@@ -703,7 +712,7 @@ def _x_hat(spec, x, stats: _Statistics, step: _schedule.Pass):
 
 
 def _output(spec, x, scale, bias, stats: _Statistics):
-    return _affine(_x_hat(spec, x, stats, _schedule.Pass.OUTPUT), scale, bias).astype(x.dtype)
+    return affine(_x_hat(spec, x, stats, _schedule.Pass.OUTPUT), scale, bias).astype(x.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
