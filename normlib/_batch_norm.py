@@ -33,6 +33,13 @@ class BatchNormState(NamedTuple):
     count: jax.Array
 
 
+BatchNormState.mean.__doc__ = ('The running mean: float32 or wider (complex for complex input),'
+                               ' of the feature shape.')
+BatchNormState.var.__doc__ = ('The running variance, biased unless ``unbiased_running_var``:'
+                              ' real float32 or wider, of the feature shape.')
+BatchNormState.count.__doc__ = ('int32: the number of statistic updates so far, a scalar or one'
+                                ' per feature (``init_batch_norm(per_feature_count=True)``).')
+
 # Exported programs (jax.export) that take or return a state serialize.
 jax.export.register_namedtuple_serialization(BatchNormState,
                                              serialized_name='normlib.BatchNormState')

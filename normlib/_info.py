@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 from importlib import metadata
+from typing import TextIO
 
 import jax
 
@@ -12,7 +13,7 @@ _PACKAGES = ('normlib', 'jax', 'jaxlib', 'flax', 'optax', 'numpy', 'chex', 'kera
              'torch')
 
 
-def print_environment_info(file=None) -> str:
+def print_environment_info(file: TextIO | None = None) -> str:
     """Prints (and returns) the versions and devices a bug report needs.
 
     normlib, jax, jaxlib, flax, optax and numpy (and the optional extras

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from normlib import _checks
 from normlib import _moments
+from normlib._batch_norm import AxisName
 
 
 def _params(name, value, x_shape, axes):
@@ -42,8 +45,10 @@ def _standardize(x, scale, bias, *, axes, epsilon, center, mask, axis_name, axis
                                 mask=mask, sync=sync)[0]
 
 
-def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask=None,
-               axis_name=None, axis_index_groups=None) -> jax.Array:
+def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
+               axis: int | Sequence[int] = -1, epsilon: float = 1e-6,
+               mask: jax.Array | None = None, axis_name: AxisName | None = None,
+               axis_index_groups: Sequence[Sequence[int]] | None = None) -> jax.Array:
     r"""Layer normalization (Ba, Kiros & Hinton, 2016).
 
     .. math::
@@ -98,8 +103,10 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-6, mask
                         axis_index_groups=axis_index_groups)
 
 
-def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None, axis_name=None,
-             axis_index_groups=None) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequence[int] = -1,
+             epsilon: float = 1e-6, mask: jax.Array | None = None,
+             axis_name: AxisName | None = None,
+             axis_index_groups: Sequence[Sequence[int]] | None = None) -> jax.Array:
     r"""Root-mean-square normalization (Zhang & Sennrich, 2019).
 
     .. math::
@@ -127,8 +134,10 @@ def rms_norm(x, scale=None, *, axis=-1, epsilon: float = 1e-6, mask=None, axis_n
                         axis_index_groups=axis_index_groups)
 
 
-def group_norm(x, scale=None, bias=None, *, num_groups: int, axis=None, epsilon: float = 1e-5,
-               mask=None, axis_name=None, axis_index_groups=None) -> jax.Array:
+def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
+               num_groups: int, axis: int | Sequence[int] | None = None, epsilon: float = 1e-6,
+               mask: jax.Array | None = None, axis_name: AxisName | None = None,
+               axis_index_groups: Sequence[Sequence[int]] | None = None) -> jax.Array:
     r"""Group normalization (Wu & He, 2018), channels-last.
 
     ``x`` has shape ``(N, ..., C)``; the ``C`` channels are split into
@@ -140,8 +149,22 @@ def group_norm(x, scale=None, bias=None, *, num_groups: int, axis=None, epsilon:
       y = \frac{x - \mu_{n,g}}{\sqrt{\sigma_{n,g}^2 + \epsilon}} \cdot scale_c + bias_c
 
     ``scale``/``bias`` have shape ``(C,)``. ``num_groups=1`` is layer norm
-    over all non-batch axes; ``num_groups=C`` is instance norm. ``mask``,
-    ``axis_name`` and ``axis_index_groups`` are as in :func:`layer_norm`.
+    over all non-batch axes; ``num_groups=C`` is instance norm.
+
+    Args:
+      x: floating-point input of shape ``(N, ..., C)``.
+      scale: optional multiplier of shape ``(C,)``.
+      bias: optional offset of shape ``(C,)``.
+      num_groups: the number of groups, dividing ``C``.
+      axis: the axes reduced with each group's channels; None (the default)
+        is every axis but the batch axis 0 and the channels.
+      epsilon: added to the variance inside the square root; > 0. The
+        default, 1e-6, is Flax's ``GroupNorm``'s (every function takes the
+        default of Flax's module of the same name).
+      mask, axis_name, axis_index_groups: as in :func:`layer_norm`.
+
+    Returns:
+      ``y``, with ``x``'s dtype and shape.
 
     References:
       Wu & He, `Group Normalization <https://arxiv.org/abs/1803.08494>`_, 2018.
@@ -177,8 +200,10 @@ def group_norm(x, scale=None, bias=None, *, num_groups: int, axis=None, epsilon:
     return y.reshape(x.shape)
 
 
-def instance_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-5, mask=None,
-                  axis_name=None, axis_index_groups=None) -> jax.Array:
+def instance_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None,
+                  *, axis: int | Sequence[int] = -1, epsilon: float = 1e-6,
+                  mask: jax.Array | None = None, axis_name: AxisName | None = None,
+                  axis_index_groups: Sequence[Sequence[int]] | None = None) -> jax.Array:
     r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016).
 
     ``x`` has a batch axis 0 and channel axis or axes ``axis`` (default the
@@ -190,8 +215,20 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, epsilon: float = 1e-5, m
 
     ``scale``/``bias`` have the shape of ``x`` at ``axis``. With no axis left
     to reduce (an ``(N, C)`` input, or ``axis`` covering every non-batch
-    axis) each entry is its own mean and ``y = bias``, as in Flax. ``mask``,
-    ``axis_name`` and ``axis_index_groups`` are as in :func:`layer_norm`.
+    axis) each entry is its own mean and ``y = bias``, as in Flax.
+
+    Args:
+      x: floating-point input with a batch axis 0.
+      scale: optional multiplier of the shape of ``x`` at ``axis``.
+      bias: optional offset of that shape.
+      axis: the channel axis or axes, kept (not 0).
+      epsilon: added to the variance inside the square root; > 0. The
+        default, 1e-6, is Flax's ``InstanceNorm``'s (every function takes the
+        default of Flax's module of the same name).
+      mask, axis_name, axis_index_groups: as in :func:`layer_norm`.
+
+    Returns:
+      ``y``, with ``x``'s dtype and shape.
 
     References:
       Ulyanov, Vedaldi & Lempitsky, `Instance Normalization: The Missing

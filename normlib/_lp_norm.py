@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ from normlib import _checks
 from normlib import _moments
 
 
-def lp_normalize(x, p: float = 2.0, *, axis=-1, epsilon: float = 1e-12) -> jax.Array:
+def lp_normalize(x: jax.Array, p: float = 2.0, *, axis: int | Sequence[int] = -1,
+                 epsilon: float = 1e-12) -> jax.Array:
     r"""Divides ``x`` by its Lp norm along ``axis``, floored at ``epsilon``.
 
     .. math::
@@ -45,12 +47,14 @@ def lp_normalize(x, p: float = 2.0, *, axis=-1, epsilon: float = 1e-12) -> jax.A
     return y.astype(x.dtype)
 
 
-def l2_normalize(x, *, axis=-1, epsilon: float = 1e-12) -> jax.Array:
+def l2_normalize(x: jax.Array, *, axis: int | Sequence[int] = -1,
+                 epsilon: float = 1e-12) -> jax.Array:
     """``x / max(||x||_2, epsilon)`` along ``axis``; see :func:`lp_normalize`."""
     return lp_normalize(x, 2.0, axis=axis, epsilon=epsilon)
 
 
-def l1_normalize(x, *, axis=-1, epsilon: float = 1e-12) -> jax.Array:
+def l1_normalize(x: jax.Array, *, axis: int | Sequence[int] = -1,
+                 epsilon: float = 1e-12) -> jax.Array:
     """``x / max(||x||_1, epsilon)`` along ``axis``; see :func:`lp_normalize`."""
     return lp_normalize(x, 1.0, axis=axis, epsilon=epsilon)
 

@@ -16,7 +16,7 @@ This module needs only JAX; the Flax helpers (:func:`precise_linen`,
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -125,9 +125,10 @@ def finish(total: Total, mean, var, unbiased):
             jnp.where(seen, new_var, _moments.laid_out_as(var, new_var)).astype(var.dtype))
 
 
-def precise_batch_stats(fn: Callable[[Any], Any], batches: Iterable[Any], *, axis=-1,
+def precise_batch_stats(fn: Callable[[Any], Any], batches: Iterable[Any], *,
+                        axis: int | Sequence[int] = -1,
                         mask_fn: Callable[[Any], Any] | None = None, unbiased: bool = False,
-                        progress: bool | None = None):
+                        progress: bool | None = None) -> Any:
     r"""The exact moments of ``fn``'s output over all batches, as batch-norm state.
 
     For each batch, ``fn(batch)`` gives a batch norm's input (an array, or a

@@ -34,7 +34,7 @@ def _nnx_norm_types(nnx):
     return tuple(getattr(m, t) for m in (nnx, normlib_nnx) for t in _NORM_TYPES)
 
 
-def weight_decay_mask(params, *, norm_names: Iterable[str] = ()):
+def weight_decay_mask(params: Any, *, norm_names: Iterable[str] = ()) -> Any:
     """A pytree of bools for optax's ``mask=``: False on normalization scales
     and biases, True on every other parameter.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,7 +40,8 @@ def _numpy(value) -> np.ndarray:
     return np.array(value, copy=True)
 
 
-def from_torch(state_dict: Mapping[str, Any], prefix: str = ''):
+def from_torch(state_dict: Mapping[str, Any], prefix: str = ''
+               ) -> tuple[BatchNormState, jax.Array | None, jax.Array | None]:
     """``(state, scale, bias)`` from a torch BatchNorm ``state_dict``.
 
     Args:
@@ -81,7 +83,8 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = ''):
     return state, scale, bias
 
 
-def to_torch(state: BatchNormState, scale=None, bias=None, prefix: str = '') -> dict[str, np.ndarray]:
+def to_torch(state: BatchNormState, scale: jax.Array | None = None,
+             bias: jax.Array | None = None, prefix: str = '') -> dict[str, np.ndarray]:
     """A torch BatchNorm ``state_dict`` (NumPy values) from normlib's state.
 
     The running variance is copied as is: keep it unbiased during training

@@ -93,11 +93,11 @@ def test_complex_per_example_normalizers_match_float64():
     np.testing.assert_allclose(nl.rms_norm(jnp.asarray(x)), x128 / np.sqrt(ms + 1e-6), atol=2e-6)
     mean, var = np_moments(x, 1)
     np.testing.assert_allclose(nl.instance_norm(jnp.asarray(x)),
-                               (x128 - mean) / np.sqrt(var + 1e-5), atol=2e-6)
+                               (x128 - mean) / np.sqrt(var + 1e-6), atol=2e-6)
     grouped = x128.reshape(4, 6, 2, 4)
     mean, var = np_moments(grouped, (1, 3))
     np.testing.assert_allclose(nl.group_norm(jnp.asarray(x), num_groups=2),
-                               ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), atol=2e-6)
+                               ((grouped - mean) / np.sqrt(var + 1e-6)).reshape(x.shape), atol=2e-6)
 
 
 def test_complex_flax_modules_match_flax_linen():

@@ -229,8 +229,10 @@ def group_results():
 
     @jax.jit
     def run(groups, instances):
-        return ([nl.group_norm(*args, num_groups=g) for args, (_, g) in zip(groups, GROUP_CASES)],
-                [nl.instance_norm(*args) for args in instances])
+        # epsilon=1e-5: torch's default, which the torch oracle uses.
+        return ([nl.group_norm(*args, num_groups=g, epsilon=1e-5)
+                 for args, (_, g) in zip(groups, GROUP_CASES)],
+                [nl.instance_norm(*args, epsilon=1e-5) for args in instances])
 
     got_groups, got_instances = run(groups, instances)
     return list(zip(groups, got_groups)), list(zip(instances, got_instances))
@@ -404,3 +406,17 @@ def test_composes_with_grad_vmap_and_checkpoint():
         expected = hvps(lambda x: jnp_reference_ln(x, scale, bias))
         assert np.max(np.abs(expected[0])) > 1e-2
         chex.assert_trees_all_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_epsilon_defaults_are_those_of_flax_modules_of_the_same_name():
+    # The documented rule: a model keeps its numbers when its import changes.
+    import inspect
+
+    import flax.linen as fnn
+    pairs = [(nl.batch_norm, fnn.BatchNorm), (nl.layer_norm, fnn.LayerNorm),
+             (nl.rms_norm, fnn.RMSNorm), (nl.group_norm, fnn.GroupNorm),
+             (nl.instance_norm, fnn.InstanceNorm)]
+    for fn, module in pairs:
+        ours = inspect.signature(fn).parameters['epsilon'].default
+        theirs = inspect.signature(module).parameters['epsilon'].default
+        assert ours == theirs, (fn.__name__, ours, theirs)

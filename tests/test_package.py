@@ -45,3 +45,43 @@ def test_each_public_name_means_one_thing():
     assert not names & set(normlib.__all__), names & set(normlib.__all__)
     public = {n for n in names if not n.startswith('_')}
     assert public == set(PUBLIC_MODULES), public
+
+
+def _public_callables():
+    import importlib
+    import inspect
+    seen = []
+    for module_name in ('normlib',) + tuple(f'normlib.{m}' for m in PUBLIC_MODULES):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # an optional front-end that is not installed
+            continue
+        names = getattr(module, '__all__', None) or [
+            n for n, v in vars(module).items()
+            if not n.startswith('_') and getattr(v, '__module__', None) == module_name]
+        for name in names:
+            value = getattr(module, name)
+            if inspect.isclass(value):
+                for attr in ('__init__', '__call__', 'call'):
+                    method = getattr(value, attr, None)
+                    if inspect.isfunction(method) and method.__module__.startswith('normlib'):
+                        seen.append((f'{module_name}.{name}.{attr}', method))
+            elif inspect.isfunction(value):
+                seen.append((f'{module_name}.{name}', value))
+    return seen
+
+
+def test_public_functions_have_type_hints_for_every_parameter_and_the_return():
+    # The package ships py.typed: its public signatures must be typed.
+    import inspect
+    missing = []
+    for name, fn in _public_callables():
+        sig = inspect.signature(fn)
+        for p in sig.parameters.values():
+            if p.name not in ('self', 'cls') and p.annotation is inspect.Parameter.empty \
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                missing.append(f'{name}({p.name})')
+        if sig.return_annotation is inspect.Signature.empty:
+            missing.append(f'{name} -> ?')
+    assert len(_public_callables()) > 20
+    assert not missing, missing
