@@ -44,6 +44,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from normlib import _moments
@@ -51,30 +52,17 @@ from normlib._batch_norm import BatchNormState, batch_norm, init_batch_norm
 from normlib._layer_norm import group_norm, layer_norm, rms_norm
 
 
-def _float_dtype(dtype):
+def _float_dtype(dtype: Any) -> jnp.dtype:
     """``dtype``, or Equinox's default: float64 under ``jax_enable_x64``, else float32."""
     return jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
 
 
-def _shape(shape) -> tuple[int, ...]:
-    return (shape,) if isinstance(shape, int) else tuple(shape)
-
-
-def _init_elementwise(module, shape, eps, use_weight, use_bias, dtype):
-    """The fields of LayerNorm and RMSNorm: ``weight`` and ``bias`` of ``shape``."""
-    module.shape = _shape(shape)
-    module.eps = eps
-    module.use_weight, module.use_bias = use_weight, use_bias
+def _affine(shape: tuple[int, ...], use_weight: bool, use_bias: bool,
+            dtype: Any) -> tuple[jax.Array | None, jax.Array | None]:
+    """The initial ``weight`` (ones) and ``bias`` (zeros) of ``shape``, or None."""
     dtype = _float_dtype(dtype)
-    module.weight = jnp.ones(module.shape, dtype) if use_weight else None
-    module.bias = jnp.zeros(module.shape, dtype) if use_bias else None
-
-
-def _check_shape(name, x, shape):
-    if x.shape != shape:
-        raise ValueError(
-            f'{name}(shape)(x) needs x.shape == shape, got shape={shape} and x.shape={x.shape};'
-            f' map it over a batch with jax.vmap.')
+    return (jnp.ones(shape, dtype) if use_weight else None,
+            jnp.zeros(shape, dtype) if use_bias else None)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -137,19 +125,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable],
                  eps: float = 1e-5, channelwise_affine: bool = True,
-                 momentum: float | None = 0.99, inference: bool = False, dtype=None,
-                 mode: str = 'batch'):
+                 momentum: float | None = 0.99, inference: bool = False, dtype: Any = None,
+                 mode: str = 'batch') -> None:
         if mode != 'batch':
             raise ValueError(
                 f"mode={mode!r}: normlib.equinox.BatchNorm normalizes training batches with"
                 " their own statistics (eqx.nn.BatchNorm's mode='batch'); 'ema' is not"
                 ' implemented.')
-        dtype = _float_dtype(dtype)
-        self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
-        self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
+        self.weight, self.bias = _affine((input_size,), channelwise_affine, channelwise_affine,
+                                         dtype)
         # Statistics in float32 or wider: half-precision running averages lose
         # every batch's contribution below their resolution.
-        stats = init_batch_norm(input_size, _moments.compute_dtype(dtype))
+        stats = init_batch_norm(input_size, _moments.compute_dtype(_float_dtype(dtype)))
         self.ema_first_time_index = self.ema_state_index = None
         self.batch_counter = eqx.nn.StateIndex(stats.count)
         self.batch_state_index = eqx.nn.StateIndex((stats.mean, stats.var))
@@ -166,8 +153,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """``batch_state_index`` by older Equinox's name (before ``mode``)."""
         return self.batch_state_index
 
-    def __call__(self, x, state: eqx.nn.State, *, key=None, inference: bool | None = None,
-                 mask=None):
+    def __call__(self, x: jax.Array, state: eqx.nn.State, *, key: Any = None,
+                 inference: bool | None = None,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, eqx.nn.State]:
         """Returns ``(y, state)``; ``y`` has ``x``'s shape.
 
         Args:
@@ -191,7 +179,37 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return y, state
 
 
-class LayerNorm(eqx.Module):
+class _Elementwise(eqx.Module):
+    """Normalization over every axis of one example ``x`` of shape ``shape``, with a
+    ``weight`` and ``bias`` of that shape too (``eqx.nn.LayerNorm``'s and ``RMSNorm``'s
+    arguments)."""
+    weight: Any
+    bias: Any
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+
+    def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
+                 use_bias: bool = True, dtype: Any = None) -> None:
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.eps = eps
+        self.use_weight, self.use_bias = use_weight, use_bias
+        self.weight, self.bias = _affine(self.shape, use_weight, use_bias, dtype)
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State | None = None, *, key: Any = None,
+                 mask: jax.Array | None = None) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
+        """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
+        del key
+        if x.shape != self.shape:
+            raise ValueError(
+                f'{type(self).__name__}(shape)(x) needs x.shape == shape, got'
+                f' shape={self.shape} and x.shape={x.shape}; map it over a batch with jax.vmap.')
+        y = self._normalize(x, tuple(range(x.ndim)), mask)
+        return y if state is None else (y, state)
+
+
+class LayerNorm(_Elementwise):
     """Layer normalization over every axis of ``x``; computes :func:`normlib.layer_norm`.
 
     ``eqx.nn.LayerNorm``'s arguments: ``x`` has shape ``shape`` (one
@@ -204,60 +222,36 @@ class LayerNorm(eqx.Module):
         >>> [round(v, 3) for v in y.tolist()]
         [-1.342, -0.447, 0.447, 1.342]
     """
-    weight: Any
-    bias: Any
-    shape: tuple[int, ...] = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
-    use_weight: bool = eqx.field(static=True)
-    use_bias: bool = eqx.field(static=True)
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
-                 use_bias: bool = True, dtype=None, *, elementwise_affine: bool | None = None):
+                 use_bias: bool = True, dtype: Any = None, *,
+                 elementwise_affine: bool | None = None) -> None:
         if elementwise_affine is not None:
             use_weight = use_bias = elementwise_affine
-        _init_elementwise(self, shape, eps, use_weight, use_bias, dtype)
+        super().__init__(shape, eps, use_weight, use_bias, dtype)
 
-    def __call__(self, x, state: eqx.nn.State | None = None, *, key=None, mask=None):
-        """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
-        del key
-        _check_shape('LayerNorm', x, self.shape)
-        y = layer_norm(x, self.weight, self.bias, axis=tuple(range(x.ndim)), epsilon=self.eps,
-                       mask=mask)
-        return y if state is None else (y, state)
+    def _normalize(self, x: jax.Array, axes: tuple[int, ...],
+                   mask: jax.Array | None) -> jax.Array:
+        return layer_norm(x, self.weight, self.bias, axis=axes, epsilon=self.eps, mask=mask)
 
 
-class RMSNorm(eqx.Module):
+class RMSNorm(_Elementwise):
     """RMS normalization over every axis of ``x``; computes :func:`normlib.rms_norm`.
 
     ``eqx.nn.RMSNorm``'s arguments: ``y = x / sqrt(mean(x**2) + eps) * weight
     + bias``, the optional ``bias`` added after normlib's RMS norm.
     """
-    weight: Any
-    bias: Any
-    shape: tuple[int, ...] = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
-    use_weight: bool = eqx.field(static=True)
-    use_bias: bool = eqx.field(static=True)
 
-    def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
-                 use_bias: bool = True, dtype=None):
-        _init_elementwise(self, shape, eps, use_weight, use_bias, dtype)
-
-    def __call__(self, x, state: eqx.nn.State | None = None, *, key=None, mask=None):
-        """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
-        del key
-        _check_shape('RMSNorm', x, self.shape)
-        axes = tuple(range(x.ndim))
+    def _normalize(self, x: jax.Array, axes: tuple[int, ...],
+                   mask: jax.Array | None) -> jax.Array:
         if self.bias is None:
-            y = rms_norm(x, self.weight, axis=axes, epsilon=self.eps, mask=mask)
-        else:
-            # rms_norm takes no bias: add it in the compute dtype, so that y is
-            # rounded to x's dtype once (rounding before the sum loses the
-            # digits that cancel).
-            wide = _moments.compute_dtype(x.dtype)
-            y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps, mask=mask)
-            y = (y + self.bias.astype(wide)).astype(x.dtype)
-        return y if state is None else (y, state)
+            return rms_norm(x, self.weight, axis=axes, epsilon=self.eps, mask=mask)
+        # rms_norm takes no bias: add it in the compute dtype, so that y is
+        # rounded to x's dtype once (rounding before the sum loses the
+        # digits that cancel).
+        wide = _moments.compute_dtype(x.dtype)
+        y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps, mask=mask)
+        return (y + self.bias.astype(wide)).astype(x.dtype)
 
 
 class GroupNorm(eqx.Module):
@@ -275,18 +269,18 @@ class GroupNorm(eqx.Module):
     channelwise_affine: bool = eqx.field(static=True)
 
     def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5,
-                 channelwise_affine: bool = True, dtype=None):
+                 channelwise_affine: bool = True, dtype: Any = None) -> None:
         if channels is not None and channels % groups:
             raise ValueError(f'groups={groups} must divide channels={channels}.')
         if channels is None and channelwise_affine:
             raise ValueError('GroupNorm needs channels when channelwise_affine=True.')
         self.groups, self.channels, self.eps = groups, channels, eps
         self.channelwise_affine = channelwise_affine
-        dtype = _float_dtype(dtype)
-        self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
-        self.bias = jnp.zeros((channels,), dtype) if channelwise_affine else None
+        self.weight, self.bias = _affine((channels,), channelwise_affine, channelwise_affine,
+                                         dtype)
 
-    def __call__(self, x, state: eqx.nn.State | None = None, *, key=None):
+    def __call__(self, x: jax.Array, state: eqx.nn.State | None = None, *,
+                 key: Any = None) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
         """``y`` (or ``(y, state)`` when a state is passed, unchanged)."""
         del key
         # normlib's group_norm takes (N, ..., C): add a batch axis, channels last.

@@ -37,6 +37,10 @@ registered for serialization as ``normlib>BatchNormalization`` etc.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import keras
 
@@ -54,18 +58,22 @@ if keras.backend.backend() != 'jax':
 _register = keras.saving.register_keras_serializable(package='normlib')
 
 
-def _value(variable):
+def _value(variable: keras.Variable | None) -> jax.Array | None:
     return None if variable is None else jnp.asarray(variable.value)
 
 
-def _floating(inputs):
+def _axes(axis: int | Sequence[int]) -> tuple[int, ...]:
+    return tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+
+
+def _floating(inputs: Any) -> jax.Array:
     # Keras computes integer and boolean inputs in result_type(dtype, 'float32'),
     # which is float32; normlib's functions take floating inputs only.
     x = jnp.asarray(inputs)
     return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.float32)
 
 
-def _statistic(variable):
+def _statistic(variable: keras.Variable) -> jax.Array:
     # normlib's state is float32 or wider; a 'bfloat16' or 'float16' policy
     # stores Keras's moving statistics in that dtype.
     value = jnp.asarray(variable.value)
@@ -106,7 +114,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         True
     """
 
-    def __init__(self, *args, synchronized: bool = False, **kwargs):
+    def __init__(self, *args: Any, synchronized: bool = False, **kwargs: Any) -> None:
         if kwargs.get('renorm', False):
             raise ValueError('normlib.keras.BatchNormalization does not implement renorm=True;'
                              ' use normlib.batch_renorm.')
@@ -115,7 +123,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # so its statistics are synchronized with either value.
         self.synchronized = bool(synchronized)
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise ValueError(
                 'The mask provided should be one dimension less than the inputs. Received:'
@@ -143,16 +151,15 @@ class LayerNormalization(keras.layers.LayerNormalization):
     inputs are cast to float32), returned in the layer's compute dtype.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get('rms_scaling', False):
             raise ValueError('rms_scaling=True is deprecated in Keras and not implemented here;'
                              ' use normlib.keras.RMSNormalization.')
         super().__init__(*args, **kwargs)
 
-    def call(self, inputs):
-        axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
+    def call(self, inputs: Any) -> Any:
         y = layer_norm(_floating(inputs), _value(self.gamma), _value(self.beta),
-                       axis=tuple(axes), epsilon=self.epsilon)
+                       axis=_axes(self.axis), epsilon=self.epsilon)
         return keras.ops.cast(y, self.compute_dtype)
 
 
@@ -165,7 +172,7 @@ class GroupNormalization(keras.layers.GroupNormalization):
     the group's channels and every other non-batch axis.
     """
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Any:
         x = jnp.moveaxis(_floating(inputs), self.axis, -1)  # group_norm is channels-last
         channels = x.shape[-1]
         groups = channels if self.groups == -1 else self.groups
@@ -180,9 +187,8 @@ class UnitNormalization(keras.layers.UnitNormalization):
     """``keras.layers.UnitNormalization``: ``x / max(||x||_2, 1e-12)`` over ``axis``,
     computed by :func:`normlib.l2_normalize` (right for inputs whose squares overflow)."""
 
-    def call(self, inputs):
-        axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
-        y = l2_normalize(_floating(inputs), axis=tuple(axes), epsilon=1e-12)
+    def call(self, inputs: Any) -> Any:
+        y = l2_normalize(_floating(inputs), axis=_axes(self.axis), epsilon=1e-12)
         return keras.ops.cast(y, self.compute_dtype)
 
 
@@ -193,8 +199,7 @@ if hasattr(keras.layers, 'RMSNormalization'):
         """``keras.layers.RMSNormalization`` computed by :func:`normlib.rms_norm`:
         ``y = x / sqrt(mean(x**2) + epsilon) * scale`` over ``axis``."""
 
-        def call(self, x):
-            axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
-            y = rms_norm(_floating(x), _value(self.scale), axis=tuple(axes),
+        def call(self, x: Any) -> Any:
+            y = rms_norm(_floating(x), _value(self.scale), axis=_axes(self.axis),
                          epsilon=self.epsilon)
             return keras.ops.cast(y, self.compute_dtype)

@@ -8,30 +8,31 @@ and call normlib's functions, so the statistics are always float32 (or
 wider) and at least as accurate as Flax's ``use_fast_variance=False`` path:
 equal to float32 rounding on ordinary data, more accurate on offset data.
 
+Fields are given by keyword, as NNX's arguments are (GroupNorm's
+``num_groups`` and ``group_size`` may also come first by position).
+
 Not copied from Flax: ``use_fast_variance`` (normlib is always stable) and
 ``force_float32_reductions`` (statistics are always float32 or wider).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes
-from flax.typing import Axes, Dtype, Initializer
+from flax.typing import Axes, Dtype
 
-from normlib import _checks
-from normlib import _moments
-from normlib._batch_norm import BatchNormState, batch_norm, fold_batch_norm
-from normlib._layer_norm import group_norm, instance_norm, layer_norm, rms_norm
-from normlib._lp_norm import l1_normalize, l2_normalize
-
-_zeros = nn.initializers.zeros
-_ones = nn.initializers.ones
+from normlib import _flax, _moments
+from normlib._batch_norm import BatchNormState, fold_batch_norm
+from normlib._lp_norm import lp_normalize
 
 
-def _promote(x, params, dtype):
+def _promote(x: jax.Array, params: tuple[jax.Array | None, ...],
+             dtype: Dtype | None) -> tuple[jax.Array, Dtype]:
     """``x`` in the dtype normlib should see, and the dtype Flax returns.
 
     Flax's output dtype is ``dtype`` or else the promotion of the input and
@@ -43,39 +44,7 @@ def _promote(x, params, dtype):
     return x.astype(jnp.promote_types(x.dtype, out)), out
 
 
-def _lay_out(param, x_shape, param_axes, target_axes, field):
-    """Lays out a parameter spanning ``param_axes`` of ``x`` with the shape of
-    ``x`` at ``target_axes`` (what normlib's per-example functions take)."""
-    if param is None:
-        return None
-    if not set(param_axes) <= set(target_axes):
-        # Parameters on axes that are not normalized (Flax allows them):
-        # x.ndim dimensions that broadcast against x.
-        return param.reshape(tuple(d if a in param_axes else 1 for a, d in enumerate(x_shape)))
-    shape = tuple(x_shape[a] if a in param_axes else 1 for a in target_axes)
-    return jnp.broadcast_to(param.reshape(shape), tuple(x_shape[a] for a in target_axes))
-
-
-def _group_count(num_groups, group_size, channels):
-    """Flax's ``num_groups``/``group_size`` pair resolved to a group count."""
-    if (num_groups is None) == (group_size is None):
-        raise ValueError(
-            'GroupNorm needs exactly one of num_groups and group_size; to give'
-            f' group_size, pass num_groups=None (got num_groups={num_groups!r},'
-            f' group_size={group_size!r}).')
-    if group_size is None:
-        return num_groups
-    if group_size < 1 or channels % group_size:
-        raise ValueError(f'group_size={group_size} must divide the {channels} channels.')
-    return channels // group_size
-
-
-def _given(**kwargs):
-    """The keyword arguments that are set (not None)."""
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _affine(module, shape):
+def _affine(module: nn.Module, shape: tuple[int, ...]) -> tuple[jax.Array | None, ...]:
     """The ``scale`` and ``bias`` parameters (or None) of ``module``."""
     scale = (module.param('scale', module.scale_init, shape, module.param_dtype)
              if module.use_scale else None)
@@ -84,7 +53,8 @@ def _affine(module, shape):
     return scale, bias
 
 
-class BatchNorm(nn.Module):
+@_flax.document('Attributes')
+class BatchNorm(nn.Module, _flax.BatchNormOptions, kw_only=True):
     """Batch normalization layer; computes :func:`normlib.batch_norm`.
 
     Flax compatibility: fields, defaults, ``__call__(x, use_running_average,
@@ -104,17 +74,6 @@ class BatchNorm(nn.Module):
     Features whose entries are all masked keep their running statistics.
 
     Attributes:
-      use_running_average: normalize with the running statistics (evaluation)
-        instead of the batch's (training).
-      axis: the feature axis or axes; every other axis is reduced.
-      momentum: decay of the running averages, or None for the exact average.
-      epsilon: added to the variance inside the square root.
-      dtype: the output dtype (default: promoted from the input and params).
-      param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias, use_scale: learn ``bias`` / ``scale``.
-      bias_init, scale_init: their initializers.
-      axis_name: mapped axis name(s) to take the statistics over as well.
-      axis_index_groups: device groups normalized separately.
       unbiased_running_var: store ``var * n / (n - 1)`` in the running variance.
 
     Example:
@@ -129,26 +88,15 @@ class BatchNorm(nn.Module):
         >>> sorted(variables['params']), sorted(variables['batch_stats'])
         (['bias', 'scale'], ['mean', 'var'])
     """
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = _zeros
-    scale_init: Initializer = _ones
-    axis_name: Any = None
-    axis_index_groups: Any = None
     unbiased_running_var: bool = False
 
     @nn.compact
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
         use_running_average = nn.merge_param(
             'use_running_average', self.use_running_average, use_running_average)
         x = jnp.asarray(x)
-        features = _checks.features_of(x.shape, _checks.axes('axis', self.axis, x.ndim))
+        features = self._param_shape(x)
         # Complex input keeps a complex running mean (Flax's becomes complex
         # on the first update; here it is complex from the start).
         mean_dtype = _moments.compute_dtype(x.dtype) if jnp.iscomplexobj(x) else jnp.float32
@@ -162,12 +110,9 @@ class BatchNorm(nn.Module):
             mean.value.astype(jnp.promote_types(mean.value.dtype, mean_dtype)), var.value,
             jnp.zeros((), jnp.int32) if count is None else count.value)
         initializing = self.is_initializing()
-        y, state = batch_norm(
-            x, state, scale, bias, training=not use_running_average, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
-            mask=mask, unbiased_running_var=self.unbiased_running_var)
+        y, state = self._normalize(
+            x, state, scale, bias, training=not use_running_average, mask=mask,
+            unbiased_running_var=self.unbiased_running_var, synced=not initializing)
         if not use_running_average and not initializing:
             mean.value, var.value = state.mean, state.var
             if count is not None:
@@ -175,24 +120,25 @@ class BatchNorm(nn.Module):
         return y.astype(out_dtype)
 
 
-class LayerNorm(nn.Module):
+class _PerExample(nn.Module):
+    """A per-example layer: Flax's ``scale`` and ``bias`` and normlib's function."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        x = jnp.asarray(x)
+        scale, bias = _affine(self, self._param_shape(x))
+        x, out_dtype = _promote(x, (scale, bias), self.dtype)
+        return self._normalize(x, scale, bias, mask).astype(out_dtype)
+
+
+@_flax.document('Attributes')
+class LayerNorm(_PerExample, _flax.LayerNormOptions, kw_only=True):
     """Layer normalization layer; computes :func:`normlib.layer_norm`.
 
     Flax compatibility: fields, defaults, ``__call__(x, *, mask)`` and the
     ``scale``/``bias`` parameters (shaped by ``feature_axes``) are
     ``flax.linen.LayerNorm``'s. ``feature_axes`` may
     also name axes that are not normalized, as in Flax.
-
-    Attributes:
-      epsilon: added to the variance inside the square root.
-      dtype: the output dtype (default: promoted from the input and params).
-      param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias, use_scale: learn ``bias`` / ``scale``.
-      bias_init, scale_init: their initializers.
-      reduction_axes: the axes the statistics are taken over.
-      feature_axes: the axes ``scale`` and ``bias`` span.
-      axis_name: mapped axis name(s) the normalized axes are sharded over.
-      axis_index_groups: device groups normalized separately.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -203,77 +149,28 @@ class LayerNorm(nn.Module):
         >>> print(jnp.round(y.std(-1), 3).tolist())
         [1.0, 1.0]
     """
-    epsilon: float = 1e-6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = _zeros
-    scale_init: Initializer = _ones
-    reduction_axes: Axes = -1
-    feature_axes: Axes = -1
-    axis_name: Any = None
-    axis_index_groups: Any = None
-
-    @nn.compact
-    def __call__(self, x, *, mask=None):
-        x = jnp.asarray(x)
-        reduced = _checks.axes('reduction_axes', self.reduction_axes, x.ndim)
-        features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
-        scale, bias = _affine(self, _checks.features_of(x.shape, features))
-        x, out_dtype = _promote(x, (scale, bias), self.dtype)
-        scale, bias = (_lay_out(p, x.shape, features, reduced, 'feature_axes')
-                       for p in (scale, bias))
-        return layer_norm(
-            x, scale, bias, axis=reduced, epsilon=self.epsilon, mask=mask,
-            **_given(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups),
-        ).astype(out_dtype)
 
 
-class RMSNorm(nn.Module):
+@_flax.document('Attributes')
+class RMSNorm(nn.Module, _flax.RMSNormOptions, kw_only=True):
     """Root-mean-square normalization layer; computes :func:`normlib.rms_norm`.
 
     Flax compatibility: fields, defaults, ``__call__(x, *, mask)`` and the
     ``scale`` parameter are ``flax.linen.RMSNorm``'s; ``feature_axes`` must be
     among ``reduction_axes``.
-
-    Attributes:
-      epsilon: added to the mean square inside the square root.
-      dtype: the output dtype (default: promoted from the input and scale).
-      param_dtype: dtype of ``scale``.
-      use_scale: learn ``scale``.
-      scale_init: its initializer.
-      reduction_axes: the axes the mean square is taken over.
-      feature_axes: the axes ``scale`` spans.
-      axis_name: mapped axis name(s) the normalized axes are sharded over.
-      axis_index_groups: device groups normalized separately.
     """
-    epsilon: float = 1e-6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_scale: bool = True
-    scale_init: Initializer = _ones
-    reduction_axes: Axes = -1
-    feature_axes: Axes = -1
-    axis_name: Any = None
-    axis_index_groups: Any = None
 
     @nn.compact
-    def __call__(self, x, *, mask=None):
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         x = jnp.asarray(x)
-        reduced = _checks.axes('reduction_axes', self.reduction_axes, x.ndim)
-        features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
-        scale = (self.param('scale', self.scale_init, _checks.features_of(x.shape, features),
-                            self.param_dtype) if self.use_scale else None)
+        scale = (self.param('scale', self.scale_init, self._param_shape(x), self.param_dtype)
+                 if self.use_scale else None)
         x, out_dtype = _promote(x, (scale,), self.dtype)
-        return rms_norm(
-            x, _lay_out(scale, x.shape, features, reduced, 'feature_axes'), axis=reduced,
-            epsilon=self.epsilon, mask=mask,
-            **_given(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups),
-        ).astype(out_dtype)
+        return self._normalize(x, scale, mask).astype(out_dtype)
 
 
-class GroupNorm(nn.Module):
+@_flax.document('Attributes')
+class GroupNorm(_PerExample, _flax.GroupNormOptions, kw_only=True):
     """Group normalization layer; computes :func:`normlib.group_norm`.
 
     Flax compatibility: fields, defaults (``num_groups=32``, ``epsilon=1e-6``),
@@ -281,137 +178,54 @@ class GroupNorm(nn.Module):
     ``(C,)`` are ``flax.linen.GroupNorm``'s. Give exactly one of
     ``num_groups`` and ``group_size`` (``num_groups=None`` to use
     ``group_size``). Channels are the last axis.
-
-    Attributes:
-      num_groups: the number of channel groups.
-      group_size: the number of channels per group.
-      epsilon: added to the variance inside the square root.
-      dtype: the output dtype (default: promoted from the input and params).
-      param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias, use_scale: learn ``bias`` / ``scale``.
-      bias_init, scale_init: their initializers.
-      reduction_axes: the axes the statistics are taken over, ending with the
-        channel axis (default: every axis but the first).
-      axis_name: mapped axis name(s) the normalized axes are sharded over.
-      axis_index_groups: device groups normalized separately.
     """
-    num_groups: int | None = 32
-    group_size: int | None = None
-    epsilon: float = 1e-6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = _zeros
-    scale_init: Initializer = _ones
-    reduction_axes: Axes | None = None
-    axis_name: Any = None
-    axis_index_groups: Any = None
-
-    @nn.compact
-    def __call__(self, x, *, mask=None):
-        x = jnp.asarray(x)
-        channels = x.shape[-1]
-        num_groups = _group_count(self.num_groups, self.group_size, channels)
-        spatial = None
-        if self.reduction_axes is not None:
-            reduced = _checks.axes('reduction_axes', self.reduction_axes, x.ndim)
-            if reduced[-1] != x.ndim - 1:
-                raise ValueError(
-                    f'reduction_axes={self.reduction_axes!r} must include the last'
-                    ' (channel) axis.')
-            if reduced[:-1] != tuple(range(1, x.ndim - 1)):
-                spatial = reduced[:-1]
-        scale, bias = _affine(self, (channels,))
-        x, out_dtype = _promote(x, (scale, bias), self.dtype)
-        return group_norm(
-            x, scale, bias, num_groups=num_groups, epsilon=self.epsilon,
-            **_given(axis=spatial, mask=mask, axis_name=self.axis_name,
-                     axis_index_groups=self.axis_index_groups),
-        ).astype(out_dtype)
 
 
-class InstanceNorm(nn.Module):
+@_flax.document('Attributes')
+class InstanceNorm(_PerExample, _flax.InstanceNormOptions, kw_only=True):
     """Instance normalization layer; computes :func:`normlib.instance_norm`.
 
     Flax compatibility: fields, defaults (``epsilon=1e-6``), ``__call__(x, *,
     mask)`` and the ``scale``/``bias`` parameters (shaped by
     ``feature_axes``) are ``flax.linen.InstanceNorm``'s. The first axis is the
     batch axis; every axis but it and ``feature_axes`` is reduced.
+    """
+
+
+class _UnitNormalize(nn.Module):
+    """Scales vectors to unit Lp norm, for the subclass's ``p``.
 
     Attributes:
-      epsilon: added to the variance inside the square root.
-      dtype: the output dtype (default: promoted from the input and params).
-      param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias, use_scale: learn ``bias`` / ``scale``.
-      bias_init, scale_init: their initializers.
-      feature_axes: the channel axis or axes, kept.
-      axis_name: mapped axis name(s) the normalized axes are sharded over.
-      axis_index_groups: device groups normalized separately.
+      axis: the axis or axes the norm is taken over.
+      epsilon: the smallest divisor.
     """
-    epsilon: float = 1e-6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = _zeros
-    scale_init: Initializer = _ones
-    feature_axes: Axes = -1
-    axis_name: Any = None
-    axis_index_groups: Any = None
+    axis: Axes = -1
+    epsilon: float = 1e-12
 
-    @nn.compact
-    def __call__(self, x, *, mask=None):
-        x = jnp.asarray(x)
-        features = _checks.axes('feature_axes', self.feature_axes, x.ndim)
-        if 0 in features:
-            raise ValueError(
-                f'feature_axes={self.feature_axes!r} must not include axis 0. The'
-                ' channel axes cannot include the leading dimension as this is assumed to be the'
-                ' batch axis.')
-        scale, bias = _affine(self, _checks.features_of(x.shape, features))
-        x, out_dtype = _promote(x, (scale, bias), self.dtype)
-        channels_last = features == (x.ndim - 1,)
-        return instance_norm(
-            x, scale, bias, epsilon=self.epsilon,
-            **_given(axis=None if channels_last else features, mask=mask,
-                     axis_name=self.axis_name, axis_index_groups=self.axis_index_groups),
-        ).astype(out_dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lp_normalize(x, self._p, axis=self.axis, epsilon=self.epsilon)
 
 
-class L2Normalize(nn.Module):
+@_flax.document('Attributes')
+class L2Normalize(_UnitNormalize):
     """Scales vectors to unit L2 norm; computes :func:`normlib.l2_normalize`.
 
     A normlib addition (Flax has no such module); it has no variables.
-
-    Attributes:
-      axis: the axis or axes the norm is taken over.
-      epsilon: the smallest divisor.
     """
-    axis: Axes = -1
-    epsilon: float = 1e-12
-
-    def __call__(self, x):
-        return l2_normalize(x, axis=self.axis, epsilon=self.epsilon)
+    _p = 2.0
 
 
-class L1Normalize(nn.Module):
+@_flax.document('Attributes')
+class L1Normalize(_UnitNormalize):
     """Scales vectors to unit L1 norm; computes :func:`normlib.l1_normalize`.
 
     A normlib addition (Flax has no such module); it has no variables.
-
-    Attributes:
-      axis: the axis or axes the norm is taken over.
-      epsilon: the smallest divisor.
     """
-    axis: Axes = -1
-    epsilon: float = 1e-12
-
-    def __call__(self, x):
-        return l1_normalize(x, axis=self.axis, epsilon=self.epsilon)
+    _p = 1.0
 
 
-def fold_batch_norms(variables, pairs, *, epsilon: float = 1e-5):
+def fold_batch_norms(variables: Mapping[str, Any], pairs: Mapping[Any, Any], *,
+                     epsilon: float = 1e-5) -> dict[str, Any]:
     """Folds evaluation-mode BatchNorms into the Dense or Conv layers before them.
 
     For a model whose layer at path ``layer`` feeds a BatchNorm at path
@@ -426,6 +240,9 @@ def fold_batch_norms(variables, pairs, *, epsilon: float = 1e-5):
       variables: ``{'params': ..., 'batch_stats': ...}`` of the model.
       pairs: layer path -> BatchNorm path.
       epsilon: the BatchNorms' epsilon (Flax's default is 1e-5).
+
+    Returns:
+      The model's variables without the BatchNorms' and with the folded layers'.
     """
     def path(p):
         return tuple(p.split('/')) if isinstance(p, str) else tuple(p)
@@ -450,10 +267,9 @@ def fold_batch_norms(variables, pairs, *, epsilon: float = 1e-5):
         layer, bn = path(layer), path(bn)
         dense, norm, running = get(params, layer), get(params, bn), get(stats, bn)
         state = BatchNormState(running['mean'], running['var'],
-                                       running.get('count', jnp.zeros((), jnp.int32)))
+                               running.get('count', jnp.zeros((), jnp.int32)))
         kernel, bias = fold_batch_norm(dense['kernel'], dense.get('bias'), state,
-                                               norm.get('scale'), norm.get('bias'),
-                                               epsilon=epsilon)
+                                       norm.get('scale'), norm.get('bias'), epsilon=epsilon)
         params = drop(put(params, layer, {**dense, 'kernel': kernel, 'bias': bias}), bn)
         stats = drop(stats, bn)
     return {**variables, 'params': params, 'batch_stats': stats}

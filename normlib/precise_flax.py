@@ -15,36 +15,34 @@ inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax import nnx
-from flax import traverse_util
+from flax import linen as nn, nnx, traverse_util
 from flax.core import frozen_dict
 
-from normlib import linen as normlib_linen
-from normlib import nnx as normlib_nnx
-from normlib import _precise as precise
+from normlib import _precise as precise, linen as normlib_linen, nnx as normlib_nnx
+from normlib._moments import Moments
 
 _LINEN_BATCH_NORMS = (normlib_linen.BatchNorm, nn.BatchNorm)
 _NNX_BATCH_NORMS = (normlib_nnx.BatchNorm, nnx.BatchNorm)
 _RECORD = 'precise_moments'  # the Linen variable, in batch_stats, of the recorded calls
 
 
-def _call_moments(x, axis, mask):
+def _call_moments(x: jax.Array, axis: int | tuple[int, ...],
+                  mask: jax.Array | None) -> Moments:
     """One call's moments, shaped as the layer's running statistics."""
     return jax.tree.map(lambda m: m[0], precise.feature_moments(x, axis, mask))
 
 
-def _calls(rows):
+def _calls(rows: Sequence[Moments]) -> Moments:
     """A layer's recorded calls, one row each."""
     return precise.stacked([jax.tree.map(lambda m: m[None], row) for row in rows])
 
 
-def _count(total, count):
+def _count(total: precise.Total, count: jax.Array) -> jax.Array:
     """The new ``count`` (one per feature, as the running statistics): the
     number of batches with a valid entry where the feature had one, else the
     old count."""
@@ -52,7 +50,7 @@ def _count(total, count):
     return jnp.where(seen, total.batches, count).astype(count.dtype)
 
 
-def _check_training(path, updated):
+def _check_training(path: str, updated: bool) -> None:
     """Raises unless the BatchNorm at ``path`` updated its running statistics,
     which it does when it normalizes with the batch's."""
     if not updated:
@@ -62,9 +60,9 @@ def _check_training(path, updated):
             ' train=True), or use_running_average=False.')
 
 
-def precise_linen(model: nn.Module, variables, batches: Iterable[Any], *,
+def precise_linen(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Any], *,
                   method: Callable[..., Any] | str | None = None,
-                  progress: bool | None = None, **apply_kwargs):
+                  progress: bool | None = None, **apply_kwargs: Any) -> Mapping[str, Any]:
     """Recomputes every BatchNorm's statistics of a Linen model exactly.
 
     Runs ``model.apply(variables, batch, method=method, **apply_kwargs)`` on
@@ -166,11 +164,12 @@ class _Sown(nnx.BatchStat):
 class _Recording(nnx.Module):
     """Calls a BatchNorm and sows its input's moments."""
 
-    def __init__(self, layer, path):
+    def __init__(self, layer: nnx.Module, path: str) -> None:
         self.layer = layer
         self.path = path
 
-    def __call__(self, x, *args, mask=None, **kwargs):
+    def __call__(self, x: jax.Array, *args: Any, mask: jax.Array | None = None,
+                 **kwargs: Any) -> jax.Array:
         before = self.layer.mean.get_value()
         y = self.layer(x, *args, mask=mask, **kwargs)
         _check_training(self.path, self.layer.mean.get_value() is not before)
@@ -178,13 +177,13 @@ class _Recording(nnx.Module):
         return y
 
 
-def _recording(path, node):
+def _recording(path: Sequence[Any], node: Any) -> Any:
     """``node``, behind a :class:`_Recording` if it is a BatchNorm."""
     return (_Recording(node, '/'.join(map(str, path)))
             if isinstance(node, _NNX_BATCH_NORMS) else node)
 
 
-def _batch_norms(model):
+def _batch_norms(model: nnx.Module) -> dict[str, nnx.Module]:
     return {'/'.join(map(str, path)): node for path, node in nnx.iter_graph(model)
             if isinstance(node, _NNX_BATCH_NORMS)}
 
@@ -231,10 +230,7 @@ def precise_nnx(model: nnx.Module, batches: Iterable[Any], *,
         terminal when ``batches`` has no ``len`` or at least 100 batches.
 
     References:
-      Wu & Johnson, `Rethinking "Batch" in BatchNorm
-      <https://arxiv.org/abs/2105.07576>`_, 2021.
-      Izmailov et al., `Averaging Weights Leads to Wider Optima and Better
-      Generalization <https://arxiv.org/abs/1803.05407>`_, 2018.
+      Those of :func:`precise_linen`.
 
     Example:
         >>> import jax, jax.numpy as jnp
