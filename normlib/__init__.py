@@ -2,24 +2,21 @@
 
 from importlib import metadata as _metadata
 
-from normlib._batch_norm import BatchNormState
-from normlib._batch_norm import batch_norm
-from normlib._batch_norm import batch_renorm
-from normlib._batch_norm import fold_batch_norm
-from normlib._batch_norm import init_batch_norm
-from normlib._batch_norm import l1_batch_norm
-from normlib._batch_norm import lp_batch_norm
-from normlib._batch_norm import renorm_schedule
-from normlib._layer_norm import group_norm
-from normlib._layer_norm import instance_norm
-from normlib._layer_norm import layer_norm
-from normlib._layer_norm import rms_norm
-from normlib._lp_norm import l1_normalize
-from normlib._lp_norm import l2_normalize
-from normlib._lp_norm import lp_normalize
+from normlib._batch_norm import (
+    BatchNormState,
+    batch_norm,
+    batch_renorm,
+    fold_batch_norm,
+    init_batch_norm,
+    l1_batch_norm,
+    lp_batch_norm,
+    renorm_schedule,
+)
+from normlib._info import print_environment_info
+from normlib._layer_norm import group_norm, instance_norm, layer_norm, rms_norm
+from normlib._lp_norm import l1_normalize, l2_normalize, lp_normalize
 from normlib._precise import precise_batch_stats
 from normlib._weight_decay import weight_decay_mask
-from normlib._info import print_environment_info
 
 _FLAX_HELPERS = ('precise_linen', 'precise_nnx')
 

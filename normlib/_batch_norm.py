@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
@@ -9,11 +10,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normlib import _checks
-from normlib import _moments
+from normlib import _checks, _moments
 
 # A mapped axis name (pmap, vmap, shard_map), or a tuple of them.
 AxisName = Hashable | tuple[Hashable, ...]
+# An axis of x, or several.
+Axes = int | Sequence[int]
+# axis_index_groups: the shard indices of each group.
+Groups = Sequence[Sequence[int]]
 
 
 class BatchNormState(NamedTuple):
@@ -100,7 +104,8 @@ def _check_state(state, features, x_dtype=None):
     With ``x_dtype`` complex, the running mean must be complex too.
     """
     if not all(hasattr(state, f) for f in BatchNormState._fields):
-        raise TypeError(f'state must be a BatchNormState (see init_batch_norm), got {type(state).__name__}.')
+        raise TypeError('state must be a BatchNormState (see init_batch_norm), got'
+                        f' {type(state).__name__}.')
     for field in BatchNormState._fields:
         value = getattr(state, field)
         if not (hasattr(value, 'dtype') and hasattr(value, 'shape')):
@@ -230,16 +235,21 @@ def _evaluate(call):
     return _moments.normalize(call.x, *call.fallback, call.scale, call.bias, epsilon=call.epsilon)
 
 
-def _train(call: _Call, state: BatchNormState, statistic, *, virtual_batch_size: int | None,
-           unbiased: bool, zero_debias: bool):
-    """The one training path of every batch-norm variant.
+def _run(statistic, x, state, scale, bias, *, training, virtual_batch_size,
+         unbiased_running_var, zero_debias, **options):
+    """The one path of every batch-norm variant: checks, then evaluation or training.
 
     ``statistic(call)`` is the variant: it normalizes ``call.x`` and returns
     ``(y, moments)``, the moments kept-dims over ``call.reduced`` with
     ``var`` the square of its spread (the standard deviation, an Lp spread).
     With ``virtual_batch_size`` it sees each chunk of that many examples as
-    a batch of its own. Returns ``y`` and the updated state.
+    a batch of its own. ``options`` go to :func:`_check_call`. Returns ``y``
+    and the new state.
     """
+    call = _check_call(x, state, scale=scale, bias=bias, training=training, **options)
+    if not training:
+        return _evaluate(call), state
+    unbiased = unbiased_running_var
     if virtual_batch_size is None:
         y, m = statistic(call)
         batch = _features(call, m)
@@ -305,10 +315,9 @@ def _standard_deviation(call: _Call):
 
 
 def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
-               bias: jax.Array | None = None, *, training: bool,
-               axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
-               epsilon: float = 1e-5, axis_name: AxisName | None = None,
-               axis_index_groups: Sequence[Sequence[int]] | None = None,
+               bias: jax.Array | None = None, *, training: bool, axis: Axes = -1,
+               momentum: float | None = 0.99, epsilon: float = 1e-5,
+               axis_name: AxisName | None = None, axis_index_groups: Groups | None = None,
                mask: jax.Array | None = None, unbiased_running_var: bool = False,
                virtual_batch_size: int | None = None,
                zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
@@ -434,21 +443,18 @@ def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = No
         >>> bool(jnp.allclose(y_sharded.reshape(32, 4), y_single, atol=1e-6))
         True
     """
-    call = _check_call(x, state, scale=scale, bias=bias, training=training, axis=axis,
-                       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-                       axis_index_groups=axis_index_groups, mask=mask, complex_ok=True)
-    if not training:
-        return _evaluate(call), state
-    return _train(call, state, _standard_deviation, virtual_batch_size=virtual_batch_size,
-                  unbiased=unbiased_running_var, zero_debias=zero_debias)
+    return _run(_standard_deviation, x, state, scale, bias, training=training, axis=axis,
+                momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=mask, complex_ok=True,
+                unbiased_running_var=unbiased_running_var,
+                virtual_batch_size=virtual_batch_size, zero_debias=zero_debias)
 
 
 def batch_renorm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
                  bias: jax.Array | None = None, *, r_max: float | jax.Array,
-                 d_max: float | jax.Array, training: bool,
-                 axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
-                 epsilon: float = 1e-5, axis_name: AxisName | None = None,
-                 axis_index_groups: Sequence[Sequence[int]] | None = None,
+                 d_max: float | jax.Array, training: bool, axis: Axes = -1,
+                 momentum: float | None = 0.99, epsilon: float = 1e-5,
+                 axis_name: AxisName | None = None, axis_index_groups: Groups | None = None,
                  mask: jax.Array | None = None, unbiased_running_var: bool = False,
                  virtual_batch_size: int | None = None,
                  zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
@@ -502,20 +508,18 @@ def batch_renorm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = 
         >>> y.shape, int(state.count)
         ((16, 3), 1)
     """
-    call = _check_call(x, state, scale=scale, bias=bias, training=training, axis=axis,
-                       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-                       axis_index_groups=axis_index_groups, mask=mask, complex_ok=False)
     for name, value, low in (('r_max', r_max, 1.0), ('d_max', d_max, 0.0)):
         if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
             raise ValueError(f'{name} must be >= {low:g}, got {value!r}.')
-    if not training:
-        return _evaluate(call), state
-    statistic = lambda call: _renormalized(call, r_max, d_max)
-    return _train(call, state, statistic, virtual_batch_size=virtual_batch_size,
-                  unbiased=unbiased_running_var, zero_debias=zero_debias)
+    renormalized = functools.partial(_renormalized, r_max=r_max, d_max=d_max)
+    return _run(renormalized, x, state, scale, bias, training=training, axis=axis,
+                momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=mask, complex_ok=False,
+                unbiased_running_var=unbiased_running_var,
+                virtual_batch_size=virtual_batch_size, zero_debias=zero_debias)
 
 
-def _renormalized(call: _Call, r_max, d_max):
+def _renormalized(call: _Call, *, r_max, d_max):
     """Batch renorm's statistic: the standard deviation, with the clipped
     correction ``(r, d)`` towards the running statistics."""
     xhat, m = _moments.standardize(call.x, axes=call.reduced, epsilon=call.epsilon,
@@ -546,10 +550,9 @@ def _padded_affine(call: _Call, standard, v):
 
 
 def lp_batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
-                  bias: jax.Array | None = None, *, p: float, training: bool,
-                  axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
-                  epsilon: float = 1e-5, axis_name: AxisName | None = None,
-                  axis_index_groups: Sequence[Sequence[int]] | None = None,
+                  bias: jax.Array | None = None, *, p: float, training: bool, axis: Axes = -1,
+                  momentum: float | None = 0.99, epsilon: float = 1e-5,
+                  axis_name: AxisName | None = None, axis_index_groups: Groups | None = None,
                   mask: jax.Array | None = None, unbiased_running_var: bool = False,
                   virtual_batch_size: int | None = None,
                   zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
@@ -604,19 +607,17 @@ def lp_batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None =
         >>> bool(jnp.allclose(y2, normlib.batch_norm(x, state, training=True)[0], atol=1e-5))
         True
     """
-    p = _checks.positive('p', p)
-    return _spread_norm(x, state, scale, bias, p=p, factor=1.0, training=training, axis=axis,
-                        momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-                        axis_index_groups=axis_index_groups, mask=mask,
-                        unbiased_running_var=unbiased_running_var, zero_debias=zero_debias,
-                        virtual_batch_size=virtual_batch_size)
+    spread = functools.partial(_lp_spread, p=_checks.positive('p', p), factor=1.0)
+    return _run(spread, x, state, scale, bias, training=training, axis=axis, momentum=momentum,
+                epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+                mask=mask, complex_ok=False, unbiased_running_var=unbiased_running_var,
+                virtual_batch_size=virtual_batch_size, zero_debias=zero_debias)
 
 
 def l1_batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
-                  bias: jax.Array | None = None, *, training: bool,
-                  axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
-                  epsilon: float = 1e-5, axis_name: AxisName | None = None,
-                  axis_index_groups: Sequence[Sequence[int]] | None = None,
+                  bias: jax.Array | None = None, *, training: bool, axis: Axes = -1,
+                  momentum: float | None = 0.99, epsilon: float = 1e-5,
+                  axis_name: AxisName | None = None, axis_index_groups: Groups | None = None,
                   mask: jax.Array | None = None, unbiased_running_var: bool = False,
                   virtual_batch_size: int | None = None,
                   zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
@@ -653,32 +654,21 @@ def l1_batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None =
     Example:
         >>> import jax, jax.numpy as jnp, normlib
         >>> x = jax.random.normal(jax.random.key(0), (4096, 2)) * 2
-        >>> y, state = normlib.l1_batch_norm(x, normlib.init_batch_norm(2), training=True, momentum=0)
+        >>> state = normlib.init_batch_norm(2)
+        >>> y, state = normlib.l1_batch_norm(x, state, training=True, momentum=0)
         >>> print(jnp.round(jnp.sqrt(state.var), 1).tolist())  # about the std for Gaussian data
         [2.0, 2.0]
     """
-    return _spread_norm(x, state, scale, bias, p=1.0, factor=math.sqrt(math.pi / 2),
-                        training=training, axis=axis, momentum=momentum, epsilon=epsilon,
-                        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-                        unbiased_running_var=unbiased_running_var, zero_debias=zero_debias,
-                        virtual_batch_size=virtual_batch_size)
+    # The ratio of the standard deviation to the mean absolute deviation of a Gaussian.
+    spread = functools.partial(_lp_spread, p=1.0, factor=math.sqrt(math.pi / 2))
+    return _run(spread, x, state, scale, bias, training=training, axis=axis,
+                momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=mask, complex_ok=False,
+                unbiased_running_var=unbiased_running_var, zero_debias=zero_debias,
+                virtual_batch_size=virtual_batch_size)
 
 
-def _spread_norm(x, state, scale, bias, *, p, factor, training, axis, momentum, epsilon,
-                 axis_name, axis_index_groups, mask, unbiased_running_var, zero_debias,
-                 virtual_batch_size):
-    """Batch norm with the spread ``factor * lp_deviation`` in place of the std."""
-    call = _check_call(x, state, scale=scale, bias=bias, training=training, axis=axis,
-                       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-                       axis_index_groups=axis_index_groups, mask=mask, complex_ok=False)
-    if not training:
-        return _evaluate(call), state
-    statistic = lambda call: _lp_spread(call, p, factor)
-    return _train(call, state, statistic, virtual_batch_size=virtual_batch_size,
-                  unbiased=unbiased_running_var, zero_debias=zero_debias)
-
-
-def _lp_spread(call: _Call, p, factor):
+def _lp_spread(call: _Call, *, p, factor):
     """Lp batch norm's statistic: ``factor`` times the Lp spread (plain autodiff)."""
     xf = call.x.astype(_moments.compute_dtype(call.x.dtype))
     # Masked padding (even NaN or inf) must reach neither the moments nor their gradients.

@@ -148,8 +148,8 @@ def mask(value: Any, x_shape: tuple[int, ...]) -> jax.Array:
     return jnp.broadcast_to(value, x_shape)
 
 
-def axis_name(name: Any, groups: Any) -> tuple[tuple[str, ...] | None,
-                                                                                                tuple[tuple[int, ...], ...] | None]:
+def axis_name(name: Any, groups: Any
+              ) -> tuple[tuple[str, ...] | None, tuple[tuple[int, ...], ...] | None]:
     """Checks that the named axes are bound here and that groups are even."""
     if name is None:
         if groups is not None:

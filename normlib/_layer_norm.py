@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from normlib import _checks
-from normlib import _moments
+from normlib import _checks, _moments
 from normlib._batch_norm import AxisName
 
 
@@ -184,14 +183,16 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f'num_groups must be an int, got {num_groups!r}.')
     if num_groups < 1 or channels % num_groups:
-        raise ValueError(f'num_groups={num_groups} must be >= 1 and divide the {channels} channels.')
+        raise ValueError(f'num_groups={num_groups} must be >= 1 and divide the {channels}'
+                         ' channels.')
     axes = tuple(range(1, last)) if axis is None else _checks.axes('axis', axis, x.ndim)
     if last in axes:
         raise ValueError(f'axis={axis!r} must not include the channel axis (the last): the'
                          ' channels are reduced within each group.')
     grouped = x.shape[:-1] + (num_groups, channels // num_groups)
     regroup = lambda v: None if v is None else v.reshape(v.shape[:-1] + grouped[-2:])
-    affine = [regroup(_params(n, v, x.shape, (last,))) for n, v in (('scale', scale), ('bias', bias))]
+    affine = [regroup(_params(n, v, x.shape, (last,)))
+              for n, v in (('scale', scale), ('bias', bias))]
     if mask is not None:
         mask = _checks.mask(mask, x.shape).reshape(grouped)
     y = _standardize(x.reshape(grouped), *affine, axes=axes + (last + 1,), epsilon=epsilon,
@@ -219,13 +220,10 @@ def instance_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array 
 
     Args:
       x: floating-point input with a batch axis 0.
-      scale: optional multiplier of the shape of ``x`` at ``axis``.
-      bias: optional offset of that shape.
+      scale, bias: optional multiplier and offset of the shape of ``x`` at ``axis``.
       axis: the channel axis or axes, kept (not 0).
-      epsilon: added to the variance inside the square root; > 0. The
-        default, 1e-6, is Flax's ``InstanceNorm``'s (every function takes the
-        default of Flax's module of the same name).
-      mask, axis_name, axis_index_groups: as in :func:`layer_norm`.
+      epsilon, mask, axis_name, axis_index_groups: as in :func:`group_norm`
+        (the default epsilon, 1e-6, is Flax's ``InstanceNorm``'s too).
 
     Returns:
       ``y``, with ``x``'s dtype and shape.

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from normlib import _checks
-from normlib import _moments
+from normlib import _checks, _moments
 
 
 def lp_normalize(x: jax.Array, p: float = 2.0, *, axis: int | Sequence[int] = -1,

@@ -801,7 +801,8 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, mask, dx, dscale, dbi
         offset = 0 if dbias is None else dbias
         dy = dy + (offset - factor * local[1] if spec.center else offset)
     zero = jnp.zeros_like(m.count)
-    dm = Moments(zero, jnp.zeros_like(m.shift), means[1] if spec.center else jnp.zeros_like(m.delta),
+    dmean = means[1] if spec.center else jnp.zeros_like(m.delta)
+    dm = Moments(zero, jnp.zeros_like(m.shift), dmean,
                  2 * means[0].real * jnp.sqrt(m.var + spec.epsilon))
     return dy.astype(x.dtype), dm
 

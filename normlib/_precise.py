@@ -22,8 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normlib import _checks
-from normlib import _moments
+from normlib import _checks, _moments
 from normlib._batch_norm import BatchNormState
 
 _MANY = 100  # the number of batches from which progress=None shows a bar
@@ -175,7 +174,9 @@ def precise_batch_stats(fn: Callable[[Any], Any], batches: Iterable[Any], *,
 
     Example:
         >>> import jax, jax.numpy as jnp, normlib
-        >>> batches = [jax.random.normal(jax.random.key(i), (n, 3)) + 100 for i, n in enumerate((7, 50, 13))]
+        >>> sizes = (7, 50, 13)
+        >>> batches = [jax.random.normal(jax.random.key(i), (n, 3)) + 100
+        ...            for i, n in enumerate(sizes)]
         >>> state = normlib.precise_batch_stats(lambda b: b, batches, progress=False)
         >>> everything = jnp.concatenate(batches)
         >>> bool(jnp.allclose(state.mean, everything.mean(0), rtol=1e-6))

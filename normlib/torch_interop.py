@@ -58,8 +58,10 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = ''
     Example:
         >>> import numpy as np, normlib
         >>> from normlib import torch_interop
-        >>> torch_state = {'running_mean': np.array([1.0, 2.0]), 'running_var': np.array([4.0, 9.0]),
-        ...                'num_batches_tracked': np.array(12), 'weight': np.ones(2), 'bias': np.zeros(2)}
+        >>> torch_state = {'running_mean': np.array([1.0, 2.0]),
+        ...                'running_var': np.array([4.0, 9.0]),
+        ...                'num_batches_tracked': np.array(12), 'weight': np.ones(2),
+        ...                'bias': np.zeros(2)}
         >>> state, scale, bias = torch_interop.from_torch(torch_state)
         >>> state.mean.tolist(), int(state.count), torch_interop.momentum_from_torch(0.1)
         ([1.0, 2.0], 12, 0.9)

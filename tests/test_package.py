@@ -85,3 +85,14 @@ def test_public_functions_have_type_hints_for_every_parameter_and_the_return():
             missing.append(f'{name} -> ?')
     assert len(_public_callables()) > 20
     assert not missing, missing
+
+
+def test_nnx_does_not_load_linen_on_normlibs_account():
+    # normlib.nnx and normlib.linen share normlib._flax, which imports neither;
+    # what `import normlib.nnx` loads beyond `import flax.nnx` is normlib's own.
+    code = ('import sys; import flax.nnx; before = set(sys.modules); import normlib.nnx;'
+            ' print(sorted(m for m in set(sys.modules) - before'
+            ' if not m.startswith("normlib") or m == "normlib.linen"))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    added = out.stdout.strip()
+    assert 'normlib.linen' not in added and 'flax.linen' not in added, added
