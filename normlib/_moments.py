@@ -461,7 +461,8 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
 
 def by_kept_axes(m: Moments, shape, kept) -> Moments:
     """Kept-dims moments of an array of ``shape`` laid out as the sizes of the
-    ``kept`` axes (the feature shape)."""
+    ``kept`` axes (sorted; the feature shape): the one layout step of batch
+    norm's running statistics, ghost chunks and precise statistics."""
     kept_dims = tuple(d if i in kept else 1 for i, d in enumerate(shape))
     return Moments(*(jnp.broadcast_to(v, kept_dims).reshape(tuple(shape[i] for i in kept))
                      for v in m))

@@ -41,11 +41,8 @@ def feature_moments(x, axis, mask) -> _moments.Moments:
     kept = _checks.axes('axis', axis, x.ndim)
     reduced = tuple(i for i in range(x.ndim) if i not in kept)
     mask = None if mask is None else _checks.mask(mask, x.shape)
-    moments = _moments.moments(x, reduced, mask=mask)
-    kept_dims = tuple(d if i in kept else 1 for i, d in enumerate(x.shape))
-    features = _checks.features_of(x.shape, kept)
-    return _moments.Moments(*(jnp.broadcast_to(m, kept_dims).reshape((1,) + features)
-                              for m in moments))
+    moments = _moments.by_kept_axes(_moments.moments(x, reduced, mask=mask), x.shape, kept)
+    return _moments.Moments(*(m[None] for m in moments))
 
 
 def stacked(rows) -> _moments.Moments:
