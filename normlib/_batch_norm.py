@@ -173,7 +173,9 @@ def _update(state: BatchNormState, batch: _moments.Moments, *, momentum: float |
         norm = 1 - power * m
         kept, taken = m * (1 - power) / norm, (1 - m) / norm
     else:
-        kept, taken = momentum, 1 - jnp.asarray(momentum, real)
+        # 1 - momentum in Python's double, rounded once: 1 - float32(0.99) would
+        # carry float32(0.99)'s rounding error (1e-6 relative) into every update.
+        kept, taken = momentum, 1.0 - momentum
 
     kept, taken = (jnp.asarray(w, real) for w in (kept, taken))
 

@@ -11,9 +11,9 @@ What differs from ``eqx.nn.BatchNorm`` (and why):
 
 * Training normalizes with the batch's statistics, as ``eqx.nn.BatchNorm``'s
   ``mode='batch'`` does; ``mode`` defaults to ``'batch'`` (Equinox's
-  default, ``'ema'``, normalizes training batches with the running
-  averages instead, which normlib does not implement: ``mode='ema'``
-  raises).
+  default, ``'legacy'``, means ``'ema'`` with a warning; ``'ema'``
+  normalizes training batches with the running averages instead, which
+  normlib does not implement: ``mode='ema'`` raises).
 * The running statistics are the zero-debiased exponential moving average
   (normlib's ``zero_debias=True``): the first batch replaces the
   mean-0/var-1 prior. ``eqx.nn.BatchNorm``'s ``'batch'`` mode divides an

@@ -6,7 +6,7 @@ their ``call`` computed by normlib's functions: the same arguments and
 defaults (``momentum=0.99``, ``epsilon=1e-3``, initializers, regularizers,
 constraints), the same weights in the same order (``gamma``, ``beta``,
 ``moving_mean``, ``moving_variance``), ``get_config``/``from_config``,
-``.keras`` saving, ``training=`` and ``trainable=False`` (a frozen
+saving to ``model.keras`` files, ``training=`` and ``trainable=False`` (a frozen
 ``BatchNormalization`` runs in inference mode, as Keras's). Every Keras dtype
 policy (``'float32'``, ``'bfloat16'``, ``'float16'``, ``'mixed_bfloat16'``,
 ``'mixed_float16'``) gives the variable and output dtypes of Keras's layer;
