@@ -21,17 +21,8 @@ Groups = Sequence[Sequence[int]]
 
 
 class BatchNormState(NamedTuple):
-    """Running statistics of a batch norm layer.
-
-    Attributes:
-      mean: running mean, float32 or wider (complex for complex input), the
-        feature shape.
-      var: running (biased, unless ``unbiased_running_var``) variance, real
-        float32 or wider.
-      count: int32, the number of statistic updates so far: a scalar
-        (calls that saw any feature), or of the feature shape (each
-        feature's own updates; see ``init_batch_norm(per_feature_count=True)``).
-    """
+    """Running statistics of a batch norm layer, a pytree of three arrays
+    (see :func:`init_batch_norm`); the fields are documented below."""
     mean: jax.Array
     var: jax.Array
     count: jax.Array
@@ -341,10 +332,11 @@ def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = No
     (PyTorch's convention). ``count`` grows by one. Features with no valid
     entry (all masked, or a batch of 0) are normalized with the running
     statistics and keep them bit-for-bit; an empty batch returns an empty
-    ``y`` and the state unchanged. (``count`` is one number for all
-    features, so with ``momentum=None`` a feature masked out of a whole batch
-    is later averaged as if it had seen that batch; masks that drop whole
-    examples, as padding does, are exact.) In evaluation mode, ``y`` uses the
+    ``y`` and the state unchanged. (A scalar ``count`` counts the calls, so
+    with ``momentum=None`` a feature masked out of a whole batch is later
+    averaged as if it had seen that batch; a state of
+    ``init_batch_norm(n, per_feature_count=True)`` counts each feature's own
+    batches.) In evaluation mode, ``y`` uses the
     running statistics, the state is returned unchanged and ``axis_name`` is
     not used (evaluation runs outside the mapped context too).
 
