@@ -20,7 +20,6 @@ import sys
 from importlib import metadata
 
 import jax
-import numpy as np
 import tqdm
 
 from benchmarks import _cases, _hlo, _memory, _report, _stability, _timing
@@ -104,7 +103,8 @@ def run(smoke: bool, rounds: int, min_sample_s: float) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m benchmarks', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m benchmarks',
+                                     description=__doc__.split('\n')[0])
     parser.add_argument('--smoke', action='store_true', help='tiny inputs, two rounds: seconds')
     parser.add_argument('--out', type=pathlib.Path, default=None,
                         help='folder for results.json, RESULTS.md and results.png (default:'
@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     _report.chart(results, str(args.out / 'results.png'))
     for name, value, bound, met in _report.targets(results):
         shown = '-' if value is None else f'{value:.3g}'
-        print(f'{name}: {shown} (<= {bound:g}) {"met" if met else "MISSED" if met is False else ""}')
+        verdict = 'met' if met else 'MISSED' if met is False else ''
+        print(f'{name}: {shown} (<= {bound:g}) {verdict}')
     print(f'wrote {args.out / "RESULTS.md"} and {args.out / "results.png"}')
     return 0
 

@@ -1,4 +1,6 @@
-"""What one synchronized normalizer sends across devices: ``python -m benchmarks._payload N [--normlib-only]``.
+"""What one synchronized normalizer sends across devices.
+
+    python -m benchmarks._payload N [--normlib-only]
 
 Run in a process of its own with ``N`` simulated CPU devices (it sets
 ``XLA_FLAGS`` before JAX starts), it builds every synced normalizer in every
@@ -133,8 +135,9 @@ def _normalizers(names, groups=None, anchors=True):
     """``{name: f(x) -> (y, state)}``: per-shard programs; ``state`` is what the
     call returns besides ``y`` (new running statistics), or None."""
     import jax.numpy as jnp
-    import normlib
     from flax import linen
+
+    import normlib
 
     state = normlib.init_batch_norm(FEATURES)
     ones, zeros = jnp.ones(FEATURES), jnp.zeros(FEATURES)
@@ -195,7 +198,8 @@ def measure(devices: int, anchors: bool = True) -> dict:
     (without Flax's BatchNorm unless ``anchors``)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     out = {}
     local = jax.ShapeDtypeStruct((LOCAL, FEATURES), jnp.float32)
@@ -241,7 +245,8 @@ def measure(devices: int, anchors: bool = True) -> dict:
     trace_all('shard_map 1-D', ('i',), shard_map_lower(mesh1, ('i',)))
     mesh2 = jax.make_mesh((devices // 4, 4), ('data', 'model'))
     trace_all('shard_map 2-D', ('data', 'model'), shard_map_lower(mesh2, ('data', 'model')))
-    trace_all('shard_map 1-D, groups of 8', ('i',), shard_map_lower(mesh1, ('i',), grouped=True), groups)
+    trace_all('shard_map 1-D, groups of 8', ('i',),
+              shard_map_lower(mesh1, ('i',), grouped=True), groups)
 
     def vmap_lower(f, arity, groups=None):
         jaxpr = jax.make_jaxpr(f, axis_env=[('i', devices)])(*[jnp.zeros(local.shape)] * arity)

@@ -21,7 +21,8 @@ def _ms(seconds: float) -> str:
 
 def _find(results, op, mode, shape, dtype='float32'):
     for case in results['cases']:
-        if (case['op'], case['mode'], tuple(case['shape']), case['dtype']) == (op, mode, shape, dtype):
+        if (case['op'], case['mode'], tuple(case['shape']),
+                case['dtype']) == (op, mode, shape, dtype):
             return case
     return None
 
@@ -49,8 +50,8 @@ def targets(results: dict) -> list[tuple[str, float | None, float, bool | None]]
         if case['op'] in ('layer_norm', 'rms_norm') and case['mode'] == 'fwd+bwd':
             name = {'layer_norm': 'LayerNorm', 'rms_norm': 'RMSNorm'}[case['op']]
             dims = 'x'.join(map(str, case['shape']))
-            rows.append((f'{name} fwd+bwd {dims} {case["dtype"]} vs flax.linen', ratio(case, 'flax'),
-                         0.8))
+            rows.append((f'{name} fwd+bwd {dims} {case["dtype"]} vs flax.linen',
+                         ratio(case, 'flax'), 0.8))
     for case in results['cases']:
         if 'normlib' in case['times'] and case['mode'] == 'fwd+bwd':
             rows.append((f'{case["name"]}: normlib vs bandwidth floor',
@@ -70,7 +71,8 @@ def targets(results: dict) -> list[tuple[str, float | None, float, bool | None]]
 
 def _timing_table(results: dict) -> list[str]:
     libraries = [lib for lib in ANCHORS if any(lib in c['times'] for c in results['cases'])]
-    head = ['case', 'floor', 'normlib (x floor)'] + [f'{lib} (normlib / {lib})' for lib in libraries]
+    head = (['case', 'floor', 'normlib (x floor)']
+            + [f'{lib} (normlib / {lib})' for lib in libraries])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for case in results['cases']:
         times, floor = case['times'], floor_seconds(case)

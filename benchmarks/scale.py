@@ -70,7 +70,8 @@ def step_times(rounds: int, shape: tuple[int, ...]) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from flax import linen
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     import normlib.linen
     from benchmarks import _timing

@@ -79,7 +79,10 @@ def _images(array):
 def load_mnist(data_dir):
     """Loads MNIST from the IDX `.gz` files in `data_dir`."""
     data_dir = Path(data_dir)
-    read = lambda name: read_idx(data_dir / f'{name}-ubyte.gz')
+
+    def read(name):
+        return read_idx(data_dir / f'{name}-ubyte.gz')
+
     if not (data_dir / 't10k-images-idx3-ubyte.gz').exists():
         raise FileNotFoundError(
                 f'{data_dir}: expected t10k-images-idx3-ubyte.gz and '

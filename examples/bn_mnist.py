@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-import normlib
-
 import _data
+import normlib
 
 HIDDEN = (100, 100, 100)
 BATCH_SIZE = 60

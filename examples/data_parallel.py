@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import normlib
@@ -50,12 +51,14 @@ def init(key):
     params, states, fan_in = {}, {}, 1
     for i, width in enumerate(WIDTHS):
         key, sub = jax.random.split(key)
-        params[f'conv{i}'] = jax.random.normal(sub, (3, 3, fan_in, width)) * np.sqrt(2 / (9 * fan_in))
+        params[f'conv{i}'] = (jax.random.normal(sub, (3, 3, fan_in, width))
+                              * np.sqrt(2 / (9 * fan_in)))
         params[f'bn{i}'] = {'scale': jnp.ones(width), 'bias': jnp.zeros(width)}
         states[f'bn{i}'] = normlib.init_batch_norm(width)
         fan_in = width
     key, sub = jax.random.split(key)
-    params['head'] = {'w': jax.random.normal(sub, (fan_in, 10)) / np.sqrt(fan_in), 'b': jnp.zeros(10)}
+    params['head'] = {'w': jax.random.normal(sub, (fan_in, 10)) / np.sqrt(fan_in),
+                      'b': jnp.zeros(10)}
     return params, states
 
 
@@ -110,7 +113,10 @@ def make_step(mode, optimizer, global_batch):
     if mode == 'pmap':
         mapped = jax.pmap(functools.partial(step, axis_name='batch', sum_grads=True),
                           axis_name='batch')
-        split = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])
+
+        def split(a):
+            return a.reshape((DEVICES, -1) + a.shape[1:])
+
         # One copy of the train state per device, kept there between steps.
         copy = jax.pmap(lambda tree, _: tree, in_axes=(None, 0))
         return (lambda p, s, o, x, y: mapped(p, s, o, split(x), split(y)),

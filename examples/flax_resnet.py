@@ -32,9 +32,8 @@ import optax
 from flax import serialization
 from tqdm import tqdm
 
-from normlib.linen import BatchNorm  # instead of flax.linen.BatchNorm
-
 import _data
+from normlib.linen import BatchNorm  # instead of flax.linen.BatchNorm
 
 
 class ResidualBlock(nn.Module):
@@ -44,8 +43,12 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train):
-        norm = lambda **kw: BatchNorm(use_running_average=not train, momentum=0.9, **kw)
-        conv = lambda k, s: nn.Conv(self.features, (k, k), (s, s), use_bias=False)
+        def norm(**kw):
+            return BatchNorm(use_running_average=not train, momentum=0.9, **kw)
+
+        def conv(k, s):
+            return nn.Conv(self.features, (k, k), (s, s), use_bias=False)
+
         y = nn.relu(norm()(conv(3, self.strides)(x)))
         # Each residual branch starts as the identity (zero-initialized scale).
         y = norm(scale_init=nn.initializers.zeros)(conv(3, 1)(y))
@@ -144,7 +147,10 @@ def main(argv=None):
     args = parse_args(argv)
     data = _data.load(args.data, args.data_dir)
     print('compiling, then training (a progress bar follows)...', flush=True)
-    images = lambda x: jnp.asarray(x.reshape(len(x), *data.image_shape, 1))
+
+    def images(x):
+        return jnp.asarray(x.reshape(len(x), *data.image_shape, 1))
+
     x_train, y_train = images(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = images(data.x_test), jnp.asarray(data.y_test)
 

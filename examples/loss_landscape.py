@@ -42,9 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-import normlib
-
 import _data
+import normlib
 
 HIDDEN = (128, 128, 128, 128)
 BATCH_SIZE = 64
@@ -66,8 +65,8 @@ def init_params(key, num_inputs, num_classes, normalized):
     layers = [{'w': jax.random.normal(k, (i, o)) * np.sqrt(2.0 / i), 'b': jnp.zeros(o)}
               for k, i, o in zip(keys, sizes[:-1], sizes[1:])]
     if normalized:
-        layers[:-1] = [{'w': l['w'], 'scale': jnp.ones(l['w'].shape[1]),
-                        'bias': jnp.zeros(l['w'].shape[1])} for l in layers[:-1]]
+        layers[:-1] = [{'w': layer['w'], 'scale': jnp.ones(layer['w'].shape[1]),
+                        'bias': jnp.zeros(layer['w'].shape[1])} for layer in layers[:-1]]
     return layers
 
 

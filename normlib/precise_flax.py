@@ -20,10 +20,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn, nnx, traverse_util
+from flax import linen as nn
+from flax import nnx, traverse_util
 from flax.core import frozen_dict
 
-from normlib import _precise as precise, linen as normlib_linen, nnx as normlib_nnx
+from normlib import _precise as precise
+from normlib import linen as normlib_linen
+from normlib import nnx as normlib_nnx
 from normlib._moments import Moments
 
 _LINEN_BATCH_NORMS = (normlib_linen.BatchNorm, nn.BatchNorm)

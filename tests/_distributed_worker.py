@@ -1,4 +1,6 @@
-"""One process of the multi-process test: ``python _distributed_worker.py PORT RANK PROCESSES OUT``.
+"""One process of the multi-process test.
+
+    python _distributed_worker.py PORT RANK PROCESSES OUT
 
 Each of ``PROCESSES`` processes holds its share of a global batch on its 2
 CPU devices; batch statistics are synced over all devices with gloo, and one
@@ -22,7 +24,8 @@ LOCAL_DEVICES = 2
 def global_problem():
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((16, 4, 4, 3)) * 2 + 300).astype(np.float32)
-    return x, np.ones(3, np.float32), np.zeros(3, np.float32), rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal(x.shape).astype(np.float32)
+    return x, np.ones(3, np.float32), np.zeros(3, np.float32), w
 
 
 def train_step(x, scale, bias, w, axis_name, lr=0.1):
@@ -44,7 +47,8 @@ def main(port, rank, processes, out):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=processes, process_id=rank,
                                initialization_timeout=60)
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     mesh = jax.make_mesh((processes * LOCAL_DEVICES,), ('batch',))  # Explicit axes
     x, scale, bias, w = global_problem()
     share = len(x) // processes

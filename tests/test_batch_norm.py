@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import normlib as nl
-
+from _reference import np_moments
 
 EPS = 1e-5
 STATIC = ('training', 'axis', 'momentum', 'epsilon', 'unbiased_running_var', 'zero_debias')
@@ -32,8 +32,7 @@ def np_batch_norm(x, axis, scale=None, bias=None, *, mask=None, epsilon=EPS):
     broadcast = tuple(d if i in features else 1 for i, d in enumerate(x.shape))
     valid = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
     n = valid.sum(reduced, keepdims=True)
-    mean = np.where(valid, x, 0).sum(reduced, keepdims=True) / n
-    var = np.where(valid, (x - mean) ** 2, 0).sum(reduced, keepdims=True) / n
+    mean, var = np_moments(x, reduced, mask)
     y = (x - mean) / np.sqrt(var + epsilon)
     if scale is not None:
         y = y * np.asarray(scale, np.float64).reshape(broadcast)
@@ -578,3 +577,15 @@ def test_vmap_over_models_matches_a_loop():
         np.testing.assert_allclose(new.var[i], 0.5 * np.asarray(states.var[i]) + 0.5 * var,
                                    rtol=1e-5)
     np.testing.assert_array_equal(new.count, np.asarray(states.count) + 1)
+
+
+@pytest.mark.parametrize('momentum', [0.99, 0.9, 0.999])
+def test_running_update_weighs_with_one_minus_momentum_rounded_once(momentum):
+    # (1 - momentum) rounded once from the exact decimal: 1 - float32(0.99)
+    # carries float32(0.99)'s error, 1e-6 relative in every running mean.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 4)) + 3.0, jnp.float32)
+    _, state = nl.batch_norm(x, nl.init_batch_norm(4), training=True,
+                                  momentum=momentum)
+    mean64 = np.asarray(x, np.float64).mean(0)
+    expected = (1 - momentum) * mean64
+    np.testing.assert_allclose(np.asarray(state.mean, np.float64), expected, rtol=4e-7)

@@ -13,14 +13,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.long
 def test_smoke_run_writes_results(tmp_path):
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    env = {**os.environ,
+           'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
     env['XLA_FLAGS'] = ''  # one CPU device, as a user runs it
     run = subprocess.run([sys.executable, '-m', 'benchmarks', '--smoke', '--out', str(tmp_path)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / 'results.json').read_text())
     ops = {(c['op'], c['mode'], c['dtype']) for c in results['cases']}
-    assert ('batch_norm', 'fwd+bwd', 'float32') in ops and ('layer_norm', 'fwd+bwd', 'float32') in ops
+    assert ('batch_norm', 'fwd+bwd', 'float32') in ops
+    assert ('layer_norm', 'fwd+bwd', 'float32') in ops
     for case in results['cases']:
         assert case['times']['normlib'] > 0 and min(case['copy'].values()) > 0
     assert set(results['memory']['temp']) == {'normlib', 'flax', 'flax two-pass'}

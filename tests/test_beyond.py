@@ -1,8 +1,8 @@
 """Batch renorm, ghost batch norm, zero-debiased averages, BN folding, PyTorch interop."""
 
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
@@ -53,10 +53,17 @@ def test_batch_renorm_with_no_slack_is_batch_norm_including_gradients():
     x = jnp.asarray(rng.standard_normal((16, 3)) + 5, jnp.float32)
     w = jnp.asarray(rng.standard_normal((16, 3)), jnp.float32)
     state = _state(3)
-    loss_bn = lambda x, s: jnp.sum(w * normlib.batch_norm(x, state, s, training=True)[0])
-    loss_rn = lambda x, s: jnp.sum(w * normlib.batch_renorm(x, state, s, training=True,
-                                                            r_max=1.0, d_max=0.0)[0])
-    for a, b in zip(jax.grad(loss_bn, (0, 1))(x, jnp.ones(3)), jax.grad(loss_rn, (0, 1))(x, jnp.ones(3))):
+
+    def loss_bn(x, s):
+        return jnp.sum(w * normlib.batch_norm(x, state, s, training=True)[0])
+
+    def loss_rn(x, s):
+        return jnp.sum(w * normlib.batch_renorm(x, state, s, training=True, r_max=1.0,
+                                                d_max=0.0)[0])
+
+    bn, rn = jax.jit(lambda x, s: (jax.grad(loss_bn, (0, 1))(x, s),
+                                   jax.grad(loss_rn, (0, 1))(x, s)))(x, jnp.ones(3))
+    for a, b in zip(bn, rn):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -73,9 +80,11 @@ def test_batch_renorm_gradient_treats_r_and_d_as_constants():
         d = jax.lax.stop_gradient(jnp.clip((mu - state.mean) / sigma, -0.5, 0.5))
         return jnp.sum(w * ((x - mu) / jnp.sqrt(var + EPS) * r + d))
 
-    got = jax.grad(lambda x: jnp.sum(w * normlib.batch_renorm(x, state, training=True, r_max=2.0,
-                                                              d_max=0.5)[0]))(x)
-    np.testing.assert_allclose(got, jax.grad(by_hand)(x), rtol=2e-4, atol=1e-5)
+    got, expected = jax.jit(lambda x: (
+        jax.grad(lambda x: jnp.sum(w * normlib.batch_renorm(x, state, training=True, r_max=2.0,
+                                                            d_max=0.5)[0]))(x),
+        jax.grad(by_hand)(x)))(x)
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-5)
 
 
 def test_batch_renorm_rejects_bad_limits_and_evaluates_like_batch_norm():
@@ -106,12 +115,13 @@ def test_ghost_batch_norm_equals_per_chunk_batch_norm():
     x = (rng.standard_normal((12, 3, 2, 4)) * 2 + 7).astype(np.float32)
     scale, bias = rng.random(4).astype(np.float32) + 0.5, rng.standard_normal(4).astype(np.float32)
     state = normlib.init_batch_norm(4)
-    y, new = normlib.batch_norm(x, state, scale, bias, training=True, virtual_batch_size=4,
-                                momentum=0.5)
+    y, new = jax.jit(lambda x: normlib.batch_norm(x, state, scale, bias, training=True,
+                                                  virtual_batch_size=4, momentum=0.5))(x)
     means, variances = [], []
+    per_chunk = jax.jit(lambda part: normlib.batch_norm(part, state, scale, bias, training=True))
     for chunk in range(3):
         part = x[chunk * 4:(chunk + 1) * 4]
-        y_ref, _ = normlib.batch_norm(part, state, scale, bias, training=True)
+        y_ref, _ = per_chunk(part)
         np.testing.assert_allclose(y[chunk * 4:(chunk + 1) * 4], y_ref, rtol=1e-5, atol=1e-5)
         p64 = part.astype(np.float64).reshape(-1, 4)
         means.append(p64.mean(0))
@@ -146,9 +156,11 @@ def test_zero_debiased_running_average():
     rng = _rng(6)
     m, state = 0.9, normlib.init_batch_norm(3)
     ema_mean, ema_var = np.zeros(3), np.zeros(3)
+    step = jax.jit(lambda x, state: normlib.batch_norm(x, state, training=True, momentum=m,
+                                                       zero_debias=True)[1])
     for t in range(1, 5):
         x = (rng.standard_normal((16, 3)) * t + 10).astype(np.float32)
-        _, state = normlib.batch_norm(x, state, training=True, momentum=m, zero_debias=True)
+        state = step(x, state)
         ema_mean = m * ema_mean + (1 - m) * x.astype(np.float64).mean(0)
         ema_var = m * ema_var + (1 - m) * x.astype(np.float64).var(0)
         np.testing.assert_allclose(state.mean, ema_mean / (1 - m ** t), rtol=1e-5)
@@ -160,8 +172,10 @@ def test_zero_debiased_running_average():
 def test_fold_into_dense_and_conv():
     rng = _rng(7)
     state = _state(5)
-    scale, bn_bias = rng.random(5).astype(np.float32) + 0.5, rng.standard_normal(5).astype(np.float32)
-    kernel, bias = rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    scale = rng.random(5).astype(np.float32) + 0.5
+    bn_bias = rng.standard_normal(5).astype(np.float32)
+    kernel, bias = rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal(5).astype(
+        np.float32)
     h = rng.standard_normal((10, 7)).astype(np.float32)
     k2, b2 = normlib.fold_batch_norm(kernel, bias, state, scale, bn_bias, epsilon=1e-3)
     x64 = h.astype(np.float64) @ kernel + bias
@@ -171,8 +185,11 @@ def test_fold_into_dense_and_conv():
 
     conv_kernel = rng.standard_normal((3, 3, 2, 5)).astype(np.float32)
     images = rng.standard_normal((2, 6, 6, 2)).astype(np.float32)
-    conv = lambda k: jax.lax.conv_general_dilated(images, k, (1, 1), 'SAME',
-                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    def conv(k):
+        return jax.lax.conv_general_dilated(images, k, (1, 1), 'SAME',
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
     ref, _ = normlib.batch_norm(conv(conv_kernel), state, scale, bn_bias, training=False,
                                 epsilon=1e-3)
     k3, b3 = normlib.fold_batch_norm(conv_kernel, None, state, scale, bn_bias, epsilon=1e-3)
@@ -215,8 +232,8 @@ def test_torch_batch_norm_round_trip_and_outputs(torch):
 
     # torch -> normlib -> torch is bit-for-bit.
     back = torch.nn.BatchNorm2d(5)
-    back.load_state_dict({k: torch.from_numpy(v) for k, v in
-                          torch_interop.to_torch(*torch_interop.from_torch(layer.state_dict())).items()})
+    round_trip = torch_interop.to_torch(*torch_interop.from_torch(layer.state_dict()))
+    back.load_state_dict({k: torch.from_numpy(v) for k, v in round_trip.items()})
     for key, value in layer.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
 
@@ -254,21 +271,28 @@ def test_l1_batch_norm_gradients_and_devices():
     rng = _rng(9)
     x = (rng.standard_normal((8, 6, 3)) + 3).astype(np.float32)
     w = rng.standard_normal((8, 6, 3)).astype(np.float32)
-    single = lambda x: jnp.sum(w.reshape(-1, 3) * normlib.l1_batch_norm(
-        x.reshape(-1, 3), normlib.init_batch_norm(3), training=True)[0])
-    mapped = lambda x: jnp.sum(w * jax.pmap(lambda x: normlib.l1_batch_norm(
-        x, normlib.init_batch_norm(3), training=True, axis_name='i')[0], axis_name='i')(x))
-    np.testing.assert_allclose(jax.grad(mapped)(x), jax.grad(single)(x), rtol=1e-4, atol=1e-5)
+
+    def single(x):
+        return jnp.sum(w.reshape(-1, 3) * normlib.l1_batch_norm(
+            x.reshape(-1, 3), normlib.init_batch_norm(3), training=True)[0])
+
+    def mapped(x):
+        return jnp.sum(w * jax.pmap(lambda x: normlib.l1_batch_norm(
+            x, normlib.init_batch_norm(3), training=True, axis_name='i')[0], axis_name='i')(x))
+
+    np.testing.assert_allclose(jax.grad(mapped)(x), jax.jit(jax.grad(single))(x), rtol=1e-4,
+                               atol=1e-5)
     with jax.enable_x64(True):
         x64 = jnp.asarray(x[:2], jnp.float64)
         jax.test_util.check_grads(
-            lambda x: jnp.sum(jnp.sin(normlib.l1_batch_norm(
-                x, normlib.init_batch_norm(3, jnp.float64), training=True)[0])),
+            jax.jit(lambda x: jnp.sum(jnp.sin(normlib.l1_batch_norm(
+                x, normlib.init_batch_norm(3, jnp.float64), training=True)[0]))),
             (x64,), order=2, modes=['rev'])
 
 
 def test_fold_a_whole_linen_model():
     from flax import linen as nn
+
     from normlib import linen as norm
 
     class Net(nn.Module):

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import normlib
+from _reference import flax_two_pass_moments
 
 N, C = 64, 6
 OFFSET = 500.0  # |mean| / std
@@ -69,7 +71,8 @@ def _shard_map_2d_tuple(x, scale, bias):
     # Batch sharded over both axes; statistics over both.
     f = jax.shard_map(functools.partial(_bn, axis_name=('data', 'model')),
                       mesh=_mesh((4, 2), ('data', 'model')),
-                      in_specs=(P(('data', 'model')), P(), P()), out_specs=(P(('data', 'model')), P()))
+                      in_specs=(P(('data', 'model')), P(), P()),
+                      out_specs=(P(('data', 'model')), P()))
     return f(x, scale, bias)
 
 
@@ -258,14 +261,14 @@ def test_layer_and_rms_norm_over_sharded_features():
 
         grads, y = jax.jit(jax.grad(functools.partial(loss, axis_name='model'), (0, 1, 2),
                                     has_aux=True))(x, scale, bias)
-        grads_ref, y_ref = jax.grad(loss, (0, 1, 2), has_aux=True)(x, scale, bias)
+        grads_ref, y_ref = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(x, scale, bias)
         _close(y, y_ref, 2e-5)
         for a, b in zip(grads, grads_ref):
             _close(a, b, 2e-4)
     x64 = x.astype(np.float64)
     expected = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-6)
-    _close(sharded(lambda x, s, b: normlib.layer_norm(x, s, b, axis_name='model'))(x, scale, bias),
-           expected * scale + bias, 2e-5)
+    layer_norm = jax.jit(sharded(lambda x, s, b: normlib.layer_norm(x, s, b, axis_name='model')))
+    _close(layer_norm(x, scale, bias), expected * scale + bias, 2e-5)
 
 
 def test_unbound_axis_name_is_a_clear_error():
@@ -319,7 +322,8 @@ def test_processes_match_one(tmp_path, processes):
     finally:
         sys.path.pop(0)
     x, scale, bias, w = spec.global_problem()
-    state, new_scale, new_bias = spec.train_step(x, scale, bias, w, axis_name=None)
+    state, new_scale, new_bias = jax.jit(functools.partial(spec.train_step, axis_name=None))(
+        x, scale, bias, w)
     for rank in range(processes):
         got = np.load(tmp_path / f'rank{rank}.npz')
         _close(got['mean'], state.mean, 2e-5)
@@ -375,7 +379,6 @@ def _sharded_moments(mapping, features):
     over ``SHARDS[mapping]`` shards. Built (and compiled) once per mapping,
     then called on every case."""
     devices = jax.devices()[:4]
-    shards = SHARDS[mapping]
 
     def bn(x, mask, axis_name):
         return normlib.batch_norm(x, normlib.init_batch_norm(features), training=True,
@@ -416,9 +419,6 @@ def _layouts(rng, z, shards):
 
 @pytest.mark.parametrize('mapping', sorted(SHARDS))
 def test_sharded_moments_as_exact_as_two_pass(mapping):
-    from flax.linen import normalization as flax_normalization
-    flax_two_pass = jax.jit(lambda v: flax_normalization._compute_stats(
-        v, (0,), jnp.float32, use_fast_variance=False))
     shards = SHARDS[mapping]
     run = _sharded_moments(mapping, 8)
     rng = np.random.default_rng(10)
@@ -440,8 +440,7 @@ def test_sharded_moments_as_exact_as_two_pass(mapping):
                     mean, var = (np.asarray(v, np.float64) for v in (state.mean, state.var))
                     valid = x[mask[:, 0]].astype(np.float64)
                     ref_mean, ref_var = valid.mean(0), valid.var(0)
-                    flax_mean, flax_var = (np.asarray(v, np.float64) for v in
-                                           flax_two_pass(jnp.asarray(x[mask[:, 0]])))
+                    flax_mean, flax_var = flax_two_pass_moments(x[mask[:, 0]], (0,))
                     spread = np.maximum(np.abs(ref_mean), np.sqrt(ref_var))
                     for what, ours, flax in (
                             ('mean', np.abs(mean - ref_mean) / spread,
@@ -481,7 +480,8 @@ def _calls():
     kw = dict(training=True, momentum=0.9)
 
     def grad(x, mask, scale, bias):
-        loss = lambda x, s, b: jnp.sum(jnp.sin(normlib.batch_norm(x, state, s, b, **kw)[0]))
+        def loss(x, s, b):
+            return jnp.sum(jnp.sin(normlib.batch_norm(x, state, s, b, **kw)[0]))
         return jax.grad(loss, (0, 1, 2))(x, scale, bias)
 
     return {
@@ -524,6 +524,7 @@ def test_sharded_jit_on_explicit_and_auto_meshes_equals_one_device(mesh_kind):
         second = jax.device_put(x[:16] * 2, NamedSharding(mesh, batch))
         precise = normlib.precise_batch_stats(lambda v: v, [xs, second], progress=False)
         from flax import nnx
+
         from normlib import nnx as normlib_nnx
         layer = normlib_nnx.BatchNorm(C, use_running_average=False, momentum=0.9,
                                       rngs=nnx.Rngs(0))

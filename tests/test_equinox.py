@@ -20,6 +20,9 @@ def run_bn(model, state, x, **kwargs):
                     out_axes=(0, None))(x, state)
 
 
+run_bn_jit = eqx.filter_jit(run_bn)  # one compilation per model, shape and mode
+
+
 def eqx_bn(size, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -32,8 +35,8 @@ def test_batch_norm_training_outputs_equal_equinox_and_the_variance_is_not_infla
     batch_vars, batch_means = [], []
     for step in range(20):
         x = jnp.asarray(RNG.standard_normal((32, 3, 6)), jnp.float32)
-        y, our_state = run_bn(ours, our_state, x)
-        y_eqx, their_state = run_bn(theirs, their_state, x)
+        y, our_state = run_bn_jit(ours, our_state, x)
+        y_eqx, their_state = run_bn_jit(theirs, their_state, x)
         np.testing.assert_allclose(y, y_eqx, atol=2e-5)
         x64 = np.asarray(x, np.float64)
         batch_means.append(x64.mean((0, 2)))
@@ -51,7 +54,7 @@ def test_batch_norm_training_outputs_equal_equinox_and_the_variance_is_not_infla
     ratio = their_var / (weights @ np.array(batch_vars))
     assert ratio.min() > 4, ratio  # about 5.5x on unit data after 20 steps
     x = jnp.asarray(RNG.standard_normal((32, 3, 6)), jnp.float32)
-    ours_eval, _ = run_bn(eqx.nn.inference_mode(ours), our_state, x)
+    ours_eval, _ = run_bn_jit(eqx.nn.inference_mode(ours), our_state, x)
     expected = (np.asarray(x, np.float64) - np.asarray(mean)[:, None]) / np.sqrt(
         np.asarray(var)[:, None] + 1e-5)
     np.testing.assert_allclose(ours_eval, expected, atol=2e-5)
@@ -64,8 +67,8 @@ def test_batch_norm_is_exact_at_large_offsets_where_equinox_is_not():
     x64 = np.asarray(x, np.float64)
     expected = (x64 - x64.mean((0, 2), keepdims=True)) / np.sqrt(
         x64.var((0, 2), keepdims=True) + 1e-5)
-    y, _ = run_bn(ours, our_state, x)
-    y_eqx, _ = run_bn(theirs, their_state, x)
+    y, _ = run_bn_jit(ours, our_state, x)
+    y_eqx, _ = run_bn_jit(theirs, their_state, x)
     assert np.abs(np.asarray(y) - expected).max() < 2e-5
     assert np.abs(np.asarray(y_eqx) - expected).max() > 1e-2
 
@@ -77,7 +80,7 @@ def test_batch_norm_mask_momentum_none_and_nested_axes():
     nested = jax.vmap(jax.vmap(lambda v, m, s: bn(v, s, mask=m), axis_name='batch',
                                in_axes=(0, 0, None), out_axes=(0, None)),
                       axis_name='dev', in_axes=(0, 0, None), out_axes=(0, None))
-    y, new = nested(x, mask, state)
+    y, new = jax.jit(nested)(x, mask, state)
     x64, w = np.asarray(x, np.float64), np.asarray(mask, np.float64)
     n = w.sum((0, 1, 3))
     mean = (w * x64).sum((0, 1, 3)) / n
@@ -136,7 +139,7 @@ def test_batch_norm_half_precision_dtype_side_by_side_with_equinox(dtype):
     x64 = np.asarray(x, np.float64)
     mean, var = x64.mean((0, 2)), x64.var((0, 2))
     assert output_dtype(theirs, their_state, x) == dtype
-    y, our_state = eqx.filter_jit(run_bn)(ours, our_state, x)
+    y, our_state = run_bn_jit(ours, our_state, x)
     assert_rounded_once(y, (x64 - mean[:, None]) / np.sqrt(var[:, None] + 1e-5), dtype)
     got_mean, got_var = our_state.get(ours.batch_state_index)
     assert got_mean.dtype == got_var.dtype == jnp.float32
@@ -145,7 +148,7 @@ def test_batch_norm_half_precision_dtype_side_by_side_with_equinox(dtype):
     assert int(our_state.get(ours.batch_counter)) == 1
     x = jnp.asarray(RNG.standard_normal((8, 3, 4)) * 3 + 5, dtype)
     assert output_dtype(theirs, their_state, x, inference=True) == dtype
-    y, _ = eqx.filter_jit(run_bn)(ours, our_state, x, inference=True)
+    y, _ = run_bn_jit(ours, our_state, x, inference=True)
     expected = (np.asarray(x, np.float64) - np.asarray(got_mean, np.float64)[:, None]) / np.sqrt(
         np.asarray(got_var, np.float64)[:, None] + 1e-5)
     assert_rounded_once(y, expected, dtype)
@@ -212,20 +215,24 @@ def test_layer_rms_and_group_norm_match_equinox_and_float64(offset):
     x = jnp.asarray(RNG.standard_normal((6, 4, 5)) + offset, jnp.float32)
     x64 = np.asarray(x, np.float64)
     ln, ln_eqx = neqx.LayerNorm((4, 5)), eqx.nn.LayerNorm((4, 5))
+    rms, rms_eqx = neqx.RMSNorm((4, 5)), eqx.nn.RMSNorm((4, 5))
+    gn, gn_eqx = neqx.GroupNorm(2, 4), eqx.nn.GroupNorm(2, 4)
+    modules = {'ln': (ln, ln_eqx), 'rms': (rms, rms_eqx), 'gn': (gn, gn_eqx)}
+    y = eqx.filter_jit(lambda modules, x: jax.tree.map(
+        lambda m: jax.vmap(m)(x), modules, is_leaf=lambda m: isinstance(m, eqx.Module)))(
+            modules, x)
     expected = (x64 - x64.mean((1, 2), keepdims=True)) / np.sqrt(
         x64.var((1, 2), keepdims=True) + 1e-5)
-    np.testing.assert_allclose(jax.vmap(ln)(x), expected, atol=2e-5)
-    rms, rms_eqx = neqx.RMSNorm((4, 5)), eqx.nn.RMSNorm((4, 5))
+    np.testing.assert_allclose(y['ln'][0], expected, atol=2e-5)
     np.testing.assert_allclose(
-        jax.vmap(rms)(x), x64 / np.sqrt((x64 ** 2).mean((1, 2), keepdims=True) + 1e-5), rtol=2e-6)
-    gn, gn_eqx = neqx.GroupNorm(2, 4), eqx.nn.GroupNorm(2, 4)
+        y['rms'][0], x64 / np.sqrt((x64 ** 2).mean((1, 2), keepdims=True) + 1e-5), rtol=2e-6)
     grouped = x64.reshape(6, 2, 2, 5)
     expected_gn = ((grouped - grouped.mean((2, 3), keepdims=True)) / np.sqrt(
         grouped.var((2, 3), keepdims=True) + 1e-5)).reshape(x.shape)
-    np.testing.assert_allclose(jax.vmap(gn)(x), expected_gn, atol=2e-5)
+    np.testing.assert_allclose(y['gn'][0], expected_gn, atol=2e-5)
     if offset == 0:  # Equinox agrees on ordinary data
-        for ours, theirs in ((ln, ln_eqx), (rms, rms_eqx), (gn, gn_eqx)):
-            np.testing.assert_allclose(jax.vmap(ours)(x), jax.vmap(theirs)(x), atol=2e-5)
+        for ours, theirs in y.values():
+            np.testing.assert_allclose(ours, theirs, atol=2e-5)
     state = eqx.nn.State(ln)
     y, same = ln(x[0], state)
     assert same is state

@@ -9,8 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from flax import nnx
-from flax import serialization
+from flax import nnx, serialization
 
 from normlib import linen as nl
 from normlib import nnx as nx

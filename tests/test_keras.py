@@ -59,7 +59,7 @@ def test_config_and_keras_file_round_trip(theirs, ours, kwargs, tmp_path):
     model(x, training=True)
     model.save(tmp_path / 'model.keras')
     loaded = keras.saving.load_model(tmp_path / 'model.keras')
-    assert any(type(l) is ours for l in loaded.layers)
+    assert any(type(layer) is ours for layer in loaded.layers)
     np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-6)
 
 

@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 
 import normlib as nl
-
+from _reference import np_standardize
 
 
 def _axes(axis, ndim):
     axis = axis if isinstance(axis, tuple) else (axis,)
     return tuple(sorted(a % ndim for a in axis))
-
-
-def np_standardize(x, axes, *, epsilon, center=True, mask=None):
-    """Float64 ``(x - mean) / sqrt(var + eps)`` over ``axes`` (valid entries only)."""
-    x = np.asarray(x, np.float64)
-    valid = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
-    n = valid.sum(axes, keepdims=True)
-    mean = np.where(valid, x, 0).sum(axes, keepdims=True) / n if center else 0.0
-    var = np.where(valid, (x - mean) ** 2, 0).sum(axes, keepdims=True) / n
-    return (x - mean) / np.sqrt(var + epsilon)
 
 
 def np_layer_norm(x, axis, scale=None, bias=None, *, epsilon=1e-6, center=True, mask=None):

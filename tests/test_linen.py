@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-import normlib
+from _reference import assert_close, random_input
 from normlib import linen as nl
 
 MODULES = ('BatchNorm', 'LayerNorm', 'RMSNorm', 'GroupNorm', 'InstanceNorm')
 NOT_COPIED = ('use_fast_variance', 'force_float32_reductions')
 ADDITIONS = {'BatchNorm': ['unbiased_running_var']}
-
-
-def _x(shape=(4, 3, 5, 6), offset=2.0, seed=0, dtype=np.float32):
-    """Test input, made with NumPy: every distinct eager JAX op costs a compile."""
-    return (np.random.default_rng(seed).normal(size=shape) * 3.0 + offset).astype(dtype)
 
 
 def _perturb(variables, seed=1):
@@ -36,12 +31,6 @@ def _perturb(variables, seed=1):
         else:
             out.append((v + 0.3 * noise).astype(v.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def assert_close(actual, expected, tol=2e-5):
-    expected = np.asarray(expected, np.float64)
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=tol,
-                               atol=tol * max(1.0, float(np.abs(expected).max())))
 
 
 def _fields(cls):
@@ -107,7 +96,7 @@ def _outputs(name, fields, call, x):
 
 @pytest.mark.parametrize('name,fields,call', CASES)
 def test_flax_checkpoint_gives_flax_two_pass_results(name, fields, call):
-    x = _x()
+    x = random_input()
     flax_module, ours = _modules(name, fields)
     chex.assert_trees_all_equal_shapes_and_dtypes(_shapes(ours, x, **_init_call(name, call)),
                                                   _shapes(flax_module, x, **_init_call(name, call)))
@@ -122,19 +111,19 @@ def test_flax_checkpoint_gives_flax_two_pass_results(name, fields, call):
 
 
 def test_params_have_flax_shapes_when_features_span_several_axes():
-    shapes = _shapes(nl.LayerNorm(reduction_axes=(1, 2, 3), feature_axes=(1, 3)), _x())
+    shapes = _shapes(nl.LayerNorm(reduction_axes=(1, 2, 3), feature_axes=(1, 3)), random_input())
     assert shapes['params']['scale'].shape == (3, 6)
 
 
 def test_running_statistics_not_updated_during_init():
     module = nl.BatchNorm(use_running_average=False, axis_name='batch')
-    variables = jax.jit(lambda x: module.init(jax.random.key(0), x))(_x())
+    variables = jax.jit(lambda x: module.init(jax.random.key(0), x))(random_input())
     chex.assert_trees_all_equal(variables['batch_stats'],
                                 {'mean': np.zeros(6, np.float32), 'var': np.ones(6, np.float32)})
 
 
 def test_use_running_average_merges_field_and_call_argument():
-    x = _x()
+    x = random_input()
     variables = _shapes(nl.BatchNorm(), x, use_running_average=True)
     variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), variables)
     for module, call in [(nl.BatchNorm(), {}),
@@ -152,7 +141,7 @@ def test_use_running_average_merges_field_and_call_argument():
 
 
 def test_training_needs_mutable_batch_stats():
-    x = _x()
+    x = random_input()
     variables = _shapes(nl.BatchNorm(), x, use_running_average=False)
     with pytest.raises(Exception, match='batch_stats'):
         jax.eval_shape(lambda v, x: nl.BatchNorm().apply(v, x, use_running_average=False),
@@ -170,7 +159,7 @@ DTYPES = [  # (dtype, param_dtype, input dtype)
 @pytest.mark.parametrize('dtype,param_dtype,x_dtype', DTYPES)
 @pytest.mark.parametrize('name', MODULES)
 def test_dtypes_follow_flax(name, dtype, param_dtype, x_dtype):
-    x = _x(dtype=x_dtype)
+    x = random_input(dtype=x_dtype)
     fields = {'dtype': dtype, 'param_dtype': param_dtype}
     if name == 'GroupNorm':
         fields['num_groups'] = 2
@@ -185,7 +174,7 @@ def test_dtypes_follow_flax(name, dtype, param_dtype, x_dtype):
 
 
 def test_bfloat16_values_follow_flax():
-    x = _x(dtype=jnp.bfloat16)
+    x = random_input(dtype=jnp.bfloat16)
     got, expected = _outputs('BatchNorm', {'dtype': jnp.bfloat16}, {}, x)
     assert got[False][0].dtype == jnp.bfloat16
     assert_close(got[False][0], expected[False][0], tol=2e-2)
@@ -214,7 +203,7 @@ def _train(module, batches):
 
 
 def test_cumulative_average_stores_a_count_and_averages_exactly():
-    batches = [_x((8, 3), offset=i, seed=i) for i in range(3)]
+    batches = [random_input((8, 3), offset=i, seed=i) for i in range(3)]
     stats = _train(nl.BatchNorm(use_running_average=False, momentum=None), batches)
     assert stats['count'].dtype == jnp.int32 and stats['count'].tolist() == [3, 3, 3]
     np.testing.assert_allclose(stats['mean'], np.mean([b.mean(0) for b in batches], 0), rtol=1e-5)
@@ -224,7 +213,7 @@ def test_cumulative_average_stores_a_count_and_averages_exactly():
 
 
 def test_cumulative_average_counts_each_feature_over_the_batches_it_saw():
-    batches = [_x((8, 3), offset=2 * i, seed=i) for i in range(3)]
+    batches = [random_input((8, 3), offset=2 * i, seed=i) for i in range(3)]
     module = nl.BatchNorm(use_running_average=False, momentum=None)
     variables = module.init(jax.random.key(0), batches[0])
     no_feature_1 = np.ones((8, 3), bool)
@@ -241,14 +230,14 @@ def test_cumulative_average_counts_each_feature_over_the_batches_it_saw():
 
 
 def test_unbiased_running_var():
-    x = _x((5, 2))
+    x = random_input((5, 2))
     stats = _train(nl.BatchNorm(use_running_average=False, momentum=0.0,
                                 unbiased_running_var=True), [x])
     np.testing.assert_allclose(stats['var'], x.var(0, ddof=1), rtol=1e-5)
 
 
 def test_batch_norm_axis_name_covers_the_mapped_batch():
-    x = _x((4, 6, 5))
+    x = random_input((4, 6, 5))
     flax_module, ours = _modules('BatchNorm', {})
     ours = nl.BatchNorm(axis_name='batch')
 
@@ -266,7 +255,7 @@ def test_batch_norm_axis_name_covers_the_mapped_batch():
 
 
 def test_lp_normalize_modules():
-    x = _x((3, 4))
+    x = random_input((3, 4))
     assert _shapes(nl.L2Normalize(), x) == {}
     l2, l1 = jax.jit(lambda x: (nl.L2Normalize().apply({}, x),
                                 nl.L1Normalize(axis=0).apply({}, x)))(x)
@@ -277,49 +266,26 @@ def test_lp_normalize_modules():
 
 def test_group_norm_validates_group_fields():
     with pytest.raises(ValueError, match='exactly one'):
-        _shapes(nl.GroupNorm(num_groups=2, group_size=3), _x())
+        _shapes(nl.GroupNorm(num_groups=2, group_size=3), random_input())
     with pytest.raises(ValueError, match='num_groups'):
-        _shapes(nl.GroupNorm(num_groups=4), _x())
-
-
-def _needs_core(function, *arguments):
-    """Marks a test whose module path needs ``arguments`` of a core function:
-    until the core takes them the test must fail with a TypeError."""
-    taken = inspect.signature(function).parameters
-    missing = [a for a in arguments if a not in taken]
-    return pytest.mark.xfail(bool(missing), raises=TypeError, strict=True,
-                             reason=f'normlib.{function.__name__} does not take {missing} yet')
+        _shapes(nl.GroupNorm(num_groups=4), random_input())
 
 
 @pytest.mark.parametrize('name,fields,call', [
-    pytest.param('GroupNorm', {'num_groups': 3, 'reduction_axes': (2, 3)}, {},
-                 marks=_needs_core(normlib.group_norm, 'axis')),
-    pytest.param('GroupNorm', {'num_groups': 3},
-                 {'mask': np.broadcast_to(np.arange(5)[:, None] < 3, (5, 6))},
-                 marks=_needs_core(normlib.group_norm, 'mask')),
-    pytest.param('InstanceNorm', {'feature_axes': 1}, {},
-                 marks=_needs_core(normlib.instance_norm, 'axis')),
-    pytest.param('InstanceNorm', {}, {'mask': np.arange(5)[:, None] < 3},
-                 marks=_needs_core(normlib.instance_norm, 'mask')),
+    ('GroupNorm', {'num_groups': 3, 'reduction_axes': (2, 3)}, {}),
+    ('GroupNorm', {'num_groups': 3}, {'mask': np.broadcast_to(np.arange(5)[:, None] < 3, (5, 6))}),
+    ('InstanceNorm', {'feature_axes': 1}, {}),
+    ('InstanceNorm', {}, {'mask': np.arange(5)[:, None] < 3}),
 ])
 def test_non_default_group_and_instance_options(name, fields, call):
-    got, expected = _outputs(name, fields, call, _x())
+    got, expected = _outputs(name, fields, call, random_input())
     assert_close(got, expected)
 
 
-@pytest.mark.parametrize('name,function', [
-    pytest.param('LayerNorm', normlib.layer_norm,
-                 marks=_needs_core(normlib.layer_norm, 'axis_index_groups')),
-    pytest.param('RMSNorm', normlib.rms_norm,
-                 marks=_needs_core(normlib.rms_norm, 'axis_index_groups')),
-    pytest.param('GroupNorm', normlib.group_norm,
-                 marks=_needs_core(normlib.group_norm, 'axis_name', 'axis_index_groups')),
-    pytest.param('InstanceNorm', normlib.instance_norm,
-                 marks=_needs_core(normlib.instance_norm, 'axis_name', 'axis_index_groups')),
-])
-def test_axis_index_groups_match_flax(name, function):
+@pytest.mark.parametrize('name', ['LayerNorm', 'RMSNorm', 'GroupNorm', 'InstanceNorm'])
+def test_axis_index_groups_match_flax(name):
     fields = {'num_groups': 2} if name == 'GroupNorm' else {}
-    x = _x((4, 2, 3, 6))
+    x = random_input((4, 2, 3, 6))
     groups = {'axis_name': 'i', 'axis_index_groups': [[0, 1], [2, 3]]}
     flax_module, ours = _modules(name, dict(fields, **groups))
 

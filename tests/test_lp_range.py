@@ -10,22 +10,11 @@ import pytest
 from jax.test_util import check_grads
 
 import normlib as nl
+from _reference import np_lp_norm, np_lp_normalize
 
 PS = [1.0, 2.0, 3.0, 30.0, math.inf]
 # Small enough that no vector below is floored (their norms are >= 3e-30).
 TINY_EPSILON = 1e-36
-
-
-def np_lp_normalize(x, p, axis=-1, epsilon=1e-12):
-    """x / max(||x||_p, epsilon) in float64, ||x||_p taken as m ||x / m||_p with m = max|x|."""
-    x = np.asarray(x, np.float64)
-    largest = np.max(np.abs(x), axis=axis, keepdims=True)
-    if math.isinf(p):
-        norm = largest
-    else:
-        m = np.where(largest > 0, largest, 1)
-        norm = m * np.sum((np.abs(x) / m) ** p, axis=axis, keepdims=True) ** (1 / p)
-    return x / np.maximum(norm, epsilon), norm
 
 
 def np_lp_normalize_vjp(x, p, g, epsilon):
@@ -34,7 +23,7 @@ def np_lp_normalize_vjp(x, p, g, epsilon):
     ``v = dN/dx = sign(y) |y|**(p-1)`` (the indicator of the largest entry for
     p = inf, which the rows used here have exactly one of).
     """
-    y, norm = np_lp_normalize(x, p, epsilon=epsilon)
+    y, norm = np_lp_normalize(x, p, epsilon=epsilon), np_lp_norm(x, p)
     g = np.asarray(g, np.float64)
     if math.isinf(p):
         v = np.sign(y) * (np.abs(x) == np.max(np.abs(x), axis=-1, keepdims=True))
@@ -46,7 +35,8 @@ def np_lp_normalize_vjp(x, p, g, epsilon):
 
 
 def _range_rows():
-    """Rows whose squares or powers over- or underflow float32, and random rows from 1e-30 to 1e30."""
+    """Rows whose squares or powers over- or underflow float32, and random rows from 1e-30
+    to 1e30."""
     width = 6
     rows = [[3e19, 4e19], [-3e19, 4e19], [3e-30, 4e-30], [30.0, 40.0], [3e-3, 4e-3],
             [1e38, 1e-38, -2e37], [-1e-38, 3e38, 1e38], [3e38, -3e38, 3e38, 3e38],
@@ -84,7 +74,7 @@ def range_results():
 def test_matches_float64_across_the_range(p, range_results):
     y, _ = range_results[str(p)]
     assert y.dtype == jnp.float32
-    expected, _ = np_lp_normalize(X, p, epsilon=TINY_EPSILON)
+    expected = np_lp_normalize(X, p, epsilon=TINY_EPSILON)
     # Entries of y below float32's normal range (1e-38 next to 1e38) come out 0.
     np.testing.assert_allclose(y, expected, rtol=2e-6, atol=1e-37)
 
@@ -118,7 +108,8 @@ def test_power_of_two_scaling_changes_no_bit():
             if float(p) in (1.0, 2.0, math.inf):
                 np.testing.assert_array_equal(scaled_y, y, err_msg=f'p={p}, 2**{k}')
             else:
-                np.testing.assert_allclose(scaled_y, y, rtol=1e-6, atol=1e-6, err_msg=f'p={p}, 2**{k}')
+                np.testing.assert_allclose(scaled_y, y, rtol=1e-6, atol=1e-6,
+                                           err_msg=f'p={p}, 2**{k}')
             np.testing.assert_allclose(scaled_grad * c, grad, rtol=1e-5,
                                        atol=1e-6 * float(np.abs(grad).max()),
                                        err_msg=f'p={p}, 2**{k}')
@@ -161,7 +152,7 @@ def test_epsilon_floor():
         np.testing.assert_allclose(huge_floored, huge / 1e38, rtol=1e-6, err_msg=p)
         np.testing.assert_allclose(grad, np.array([[1e-37, 0, 0]] * 2), rtol=1e-6, err_msg=p)
         # Just above epsilon the norm divides.
-        np.testing.assert_allclose(above, np_lp_normalize(tiny, float(p), epsilon=1e-30)[0],
+        np.testing.assert_allclose(above, np_lp_normalize(tiny, float(p), epsilon=1e-30),
                                    rtol=2e-6, err_msg=p)
 
 
@@ -229,7 +220,7 @@ def test_jvp_vmap_and_jacobians_at_the_extremes():
         return out
 
     for p, (y, dy, linear, batched, jac_rev, jac_fwd) in run(x, t).items():
-        np.testing.assert_allclose(y, np_lp_normalize(x, p, epsilon=TINY_EPSILON)[0], rtol=2e-6)
+        np.testing.assert_allclose(y, np_lp_normalize(x, p, epsilon=TINY_EPSILON), rtol=2e-6)
         np.testing.assert_allclose(linear, dy, rtol=1e-6)
         np.testing.assert_array_equal(batched, y)
         # Reverse and forward mode round differently; compare per row, relative to its scale.
@@ -237,7 +228,7 @@ def test_jvp_vmap_and_jacobians_at_the_extremes():
         np.testing.assert_allclose(jac_rev / scale, jac_fwd / scale, atol=1e-6)
         # dy/dx = (I - y v^T) / N on each row, though the rows' norms differ by 1e49.
         for i, row in enumerate(x):
-            yr, norm = np_lp_normalize(row, p, epsilon=TINY_EPSILON)
+            yr, norm = np_lp_normalize(row, p, epsilon=TINY_EPSILON), np_lp_norm(row, p)
             expected = np.eye(3) - np.outer(yr, np.sign(yr) * np.abs(yr) ** (p - 1))
             np.testing.assert_allclose(jac_rev[i] * norm, expected, atol=2e-6)
             np.testing.assert_allclose(dy[i] * norm, expected @ t[i], rtol=1e-5, atol=1e-5)
@@ -258,6 +249,6 @@ def test_bfloat16_input():
         assert y.dtype == jnp.bfloat16 and grad.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)),
                                    np_lp_normalize(x.astype(jnp.float32), float(p),
-                                                   epsilon=TINY_EPSILON)[0],
+                                                   epsilon=TINY_EPSILON),
                                    rtol=1e-2, atol=1e-30, err_msg=p)
         assert np.all(np.isfinite(grad.astype(jnp.float32))), p

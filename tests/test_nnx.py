@@ -7,25 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen
-from flax import nnx
+from flax import linen, nnx
 
-import normlib
+from _reference import assert_close, random_input
 from normlib import nnx as nx
 
 MODULES = ('BatchNorm', 'LayerNorm', 'RMSNorm', 'GroupNorm', 'InstanceNorm')
 ADDITIONS = {'BatchNorm': ['unbiased_running_var']}
-
-
-def _x(shape=(4, 3, 5, 6), offset=2.0, seed=0, dtype=np.float32):
-    """Test input, made with NumPy: every distinct eager JAX op costs a compile."""
-    return (np.random.default_rng(seed).normal(size=shape) * 3.0 + offset).astype(dtype)
-
-
-def assert_close(actual, expected, tol=2e-5):
-    expected = np.asarray(expected, np.float64)
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=tol,
-                               atol=tol * max(1.0, float(np.abs(expected).max())))
 
 
 def _perturb(module, seed=1):
@@ -92,7 +80,7 @@ def test_flax_state_gives_flax_two_pass_results(name, fields, call):
     def run(ours, flax_module, x):
         return ours(x, **call), flax_module(x, **call)
 
-    y, expected = run(ours, flax_module, _x())
+    y, expected = run(ours, flax_module, random_input())
     assert_close(y, expected)
     chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(ours)),
                                 nnx.to_pure_dict(nnx.state(flax_module)), rtol=2e-5, atol=2e-6)
@@ -114,7 +102,8 @@ def test_dtypes_follow_flax(name, dtype, param_dtype, x_dtype):
 
     def output(module):
         graphdef, state = nnx.split(module)
-        return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, _x(dtype=x_dtype))
+        return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                              random_input(dtype=x_dtype))
 
     assert output(modules[0]).dtype == output(modules[1]).dtype
 
@@ -123,7 +112,7 @@ def test_running_statistics_are_float32_batch_stats():
     bn = nx.BatchNorm(3, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert bn.mean.dtype == bn.var.dtype == jnp.float32 and bn.scale.dtype == jnp.bfloat16
     assert isinstance(bn.mean, nnx.BatchStat) and isinstance(bn.scale, nnx.Param)
-    y = nnx.jit(lambda m, x: m(x))(bn, _x((8, 3), dtype=jnp.bfloat16))
+    y = nnx.jit(lambda m, x: m(x))(bn, random_input((8, 3), dtype=jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and bn.mean.dtype == jnp.float32
 
 
@@ -150,7 +139,7 @@ def test_train_eval_view_and_call_argument():
     def step(model, x):
         return model(x)
 
-    x = _x((8, 3))
+    x = random_input((8, 3))
     step(view, x)
     chex.assert_trees_all_equal(block.bn.mean[...], np.zeros(3, np.float32))
     step(block, x)
@@ -171,7 +160,7 @@ def test_split_merge_round_trip_and_cumulative_count():
         model(x)
         return nnx.state(model)
 
-    batches = [_x((8, 3), offset=i, seed=i) for i in range(3)]
+    batches = [random_input((8, 3), offset=i, seed=i) for i in range(3)]
     for b in batches:
         state = step(state, b)
     block = nnx.merge(graphdef, state)
@@ -184,7 +173,7 @@ def test_split_merge_round_trip_and_cumulative_count():
 
 def test_float_mask_works():
     """flax.nnx.LayerNorm raises on a float mask; Linen and normlib treat it as ``!= 0``."""
-    x = _x()
+    x = random_input()
     mask = (np.arange(6) < 4).astype(np.float32)
     ours = nx.LayerNorm(6, rngs=nnx.Rngs(0))
     oracle = linen.LayerNorm(use_fast_variance=False)
@@ -193,19 +182,10 @@ def test_float_mask_works():
     assert_close(y, expected)
 
 
-def _needs_core(function, *arguments):
-    """Marks a test whose module path needs ``arguments`` of a core function:
-    until the core takes them the test must fail with a TypeError."""
-    missing = [a for a in arguments if a not in inspect.signature(function).parameters]
-    return pytest.mark.xfail(bool(missing), raises=TypeError, strict=True,
-                             reason=f'normlib.{function.__name__} does not take {missing} yet')
-
-
-@_needs_core(normlib.group_norm, 'axis')
 def test_group_norm_with_extra_leading_axes_matches_linen():
     """flax.nnx.GroupNorm repeats the group statistics along axis 1, which is
     wrong whenever reduction_axes leaves more than one leading axis."""
-    x = _x((2, 3, 4, 6))
+    x = random_input((2, 3, 4, 6))
     ours = nx.GroupNorm(6, num_groups=3, reduction_axes=(2, 3), rngs=nnx.Rngs(0))
     oracle = linen.GroupNorm(num_groups=3, reduction_axes=(2, 3), use_fast_variance=False)
     params = {'params': {'scale': jnp.ones(6), 'bias': jnp.zeros(6)}}
@@ -223,7 +203,7 @@ def test_group_norm_validates_groups():
 def test_vmap_over_training_batch_norm_with_axis_name():
     """The statistics cover the whole vmapped batch and the running averages
     stay unbatched, call after call (flax #4760)."""
-    x = _x((4, 8, 3))
+    x = random_input((4, 8, 3))
     ours = nx.BatchNorm(3, axis_name='batch', rngs=nnx.Rngs(0))
     whole = nx.BatchNorm(3, rngs=nnx.Rngs(0))
 
@@ -246,7 +226,7 @@ def test_vmap_over_an_ensemble_of_batch_norms():
         return nx.BatchNorm(3, rngs=nnx.Rngs(key))
 
     ensemble = make(jax.random.split(jax.random.key(0), 2))
-    x = _x((2, 8, 3))
+    x = random_input((2, 8, 3))
     nnx.jit(nnx.vmap(lambda m, x: m(x), in_axes=(0, 0)))(ensemble, x)
     for i in range(2):
         np.testing.assert_allclose(ensemble.mean[...][i], 0.01 * x[i].mean(0), rtol=1e-5)

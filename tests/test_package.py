@@ -1,11 +1,13 @@
 """The package's face: version, environment report, what importing loads."""
 
 import io
+import json
 import subprocess
 import sys
 from importlib import metadata
 
 import jax
+import pytest
 
 import normlib
 
@@ -27,11 +29,40 @@ def test_print_environment_info_names_versions_and_devices():
     assert lines['jax devices'].startswith(f'{len(jax.devices())} x ')
 
 
-def test_environment_report_does_not_import_flax():
-    code = ('import sys, io, normlib; normlib.print_environment_info(io.StringIO());'
-            ' print(sorted(m for m in ("flax", "optax", "chex", "equinox", "keras") if m in sys.modules))')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == '[]'
+# What a fresh interpreter loads, step by step (one interpreter for the three steps:
+# each start imports JAX): `import normlib` and its environment report load no
+# front-end; normlib.precise_linen loads Flax when it is first used.
+_LOADS = """
+import io, json, sys
+loaded = lambda: [m for m in ('flax', 'optax', 'chex', 'equinox', 'keras') if m in sys.modules]
+steps = {}
+import normlib
+steps['import normlib'] = loaded()
+normlib.print_environment_info(io.StringIO())
+steps['environment report'] = loaded()
+normlib.precise_linen
+steps['precise_linen'] = 'flax' in sys.modules
+print(json.dumps(steps))
+"""
+
+
+@pytest.fixture(scope='module')
+def loads():
+    out = subprocess.run([sys.executable, '-c', _LOADS], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def test_import_loads_no_front_end(loads):
+    assert loads['import normlib'] == [], loads
+
+
+def test_environment_report_does_not_import_flax(loads):
+    assert loads['environment report'] == [], loads
+
+
+def test_flax_is_loaded_when_a_flax_helper_is_first_used(loads):
+    assert loads['precise_linen'] is True, loads
 
 
 PUBLIC_MODULES = ('linen', 'nnx', 'keras', 'equinox', 'precise_flax', 'torch_interop')

@@ -6,6 +6,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
+from _reference import np_moments
 from normlib import linen as nl
 from normlib import nnx as nx
 from normlib._precise import precise_batch_stats
@@ -24,12 +25,8 @@ def _batches(sizes, seed=0, shape=()):
 
 def _moments(x, mask=None, ddof=0):
     """float64 mean and variance of the valid entries, per feature (last axis)."""
-    keep = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
-    x, keep = np.asarray(x, np.float64).reshape(-1, x.shape[-1]), keep.reshape(-1, x.shape[-1])
-    count = keep.sum(0)
-    mean = np.where(keep, x, 0).sum(0) / count
-    var = np.where(keep, (x - mean) ** 2, 0).sum(0) / (count - ddof)
-    return mean, var
+    mean, var = np_moments(x, tuple(range(np.ndim(x) - 1)), mask, ddof=ddof)
+    return mean.reshape(-1), var.reshape(-1)
 
 
 def _assert_moments(state, mean, var, tol=1e-5):

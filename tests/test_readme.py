@@ -23,5 +23,6 @@ def test_setup_commands():
     commands = re.findall(r'^python3 -m venv .*$', text, flags=re.M)
     assert len(commands) == 2, commands
     main_job, tests = commands
-    assert 'pip install -e ".[examples]"' in main_job and main_job.endswith('python examples/bn_mnist.py')
+    assert 'pip install -e ".[examples]"' in main_job
+    assert main_job.endswith('python examples/bn_mnist.py')
     assert 'pip install -e ".[test]"' in tests and tests.endswith('python -m pytest -n 2')
