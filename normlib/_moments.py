@@ -152,7 +152,12 @@ def _sample_mean(xf, axes):
     flat = (np.arange(m) * total) // m + (np.arange(m) * 40503) % max(total // m, 1)
     positions = iter(np.unravel_index(flat, sizes))
     sample = xf[tuple(next(positions) if i in axes else slice(None) for i in range(xf.ndim))]
-    return jnp.mean(sample, axis=0).reshape((1,) * len(axes) + sample.shape[1:])
+    # A quotient rounded once, as in _anchor: XLA turns a division by the
+    # constant m into a product with 1/m, which each pass that recomputes the
+    # anchor may contract into a fused multiply-add and round differently.
+    total = jnp.sum(sample, axis=0)
+    return exact_quotient(total, jnp.asarray(m, total.dtype)).reshape(
+        (1,) * len(axes) + sample.shape[1:])
 
 
 def _symbolic_sample_mean(xf, axes):
