@@ -200,7 +200,6 @@ class _Call(NamedTuple):
     momentum: float | None
     sync: _moments.Sync | None
     fallback: tuple[jax.Array, jax.Array]  # the running (mean, var), no gradient
-    chunks: int | None = None
 
 
 def _check_call(x, state, *, scale, bias, training, axis, momentum, epsilon, axis_name,
@@ -280,7 +279,7 @@ def _chunked(call: _Call, size) -> _Call:
     return call._replace(
         x=chunked(call.x), scale=lift(call.scale), bias=lift(call.bias), mask=chunked(call.mask),
         kept=kept, reduced=tuple(i for i in range(call.x.ndim + 1) if i not in kept), sync=None,
-        fallback=tuple(lift(v) for v in call.fallback), chunks=n // size)
+        fallback=tuple(lift(v) for v in call.fallback))
 
 
 def _chunk_average(chunks: _moments.Moments, sync, unbiased) -> _moments.Moments:
