@@ -40,15 +40,16 @@ Equinox is an optional extra (``pip install "normlib[equinox]"``);
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from normlib import _moments
-from normlib._batch_norm import BatchNormState, batch_norm, init_batch_norm
+from normlib._batch_norm import BatchNormState, batch_norm, fold_batch_norm, init_batch_norm
 from normlib._layer_norm import group_norm, layer_norm, rms_norm
 
 
@@ -289,3 +290,139 @@ class GroupNorm(eqx.Module):
                        epsilon=self.eps)
         y = jnp.moveaxis(y[0], -1, 0)
         return y if state is None else (y, state)
+
+
+# Batch-norm folding (a deployment transform of whole models).
+
+_FOLD_NORMS = (BatchNorm, eqx.nn.BatchNorm)
+_PyTreeT = TypeVar('_PyTreeT')
+
+
+def _running_statistics(norm: BatchNorm | eqx.nn.BatchNorm,
+                        state: eqx.nn.State) -> BatchNormState:
+    """The statistics ``norm`` normalizes with in inference mode."""
+    if isinstance(norm, eqx.nn.BatchNorm) and norm.mode == 'ema':
+        mean, var = state.get(norm.ema_state_index)
+    else:
+        mean, var = state.get(norm.batch_state_index)
+        if isinstance(norm, eqx.nn.BatchNorm):  # Equinox's 'batch' mode debiases when used
+            counter = state.get(norm.batch_counter)
+            debias = jnp.where(counter == 0, 1, 1 - norm.momentum ** counter)
+            mean, var = mean / debias, var / debias
+    return BatchNormState(mean, var, jnp.zeros((), jnp.int32))
+
+
+def _unfoldable(layer: Any, norm: BatchNorm | eqx.nn.BatchNorm) -> str | None:
+    """Why ``norm`` cannot fold into ``layer`` (None when it can)."""
+    if not isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv)):
+        return (f'it follows a {type(layer).__name__}, not an eqx.nn.Linear or eqx.nn.Conv (only'
+                ' a BatchNorm right after one of them folds)')
+    if isinstance(layer, eqx.nn.Linear) and layer.out_features == 'scalar':
+        return "it follows an eqx.nn.Linear with out_features='scalar'"
+    if layer.weight.shape[0] != norm.input_size:
+        return (f'its input_size={norm.input_size} does not match the {layer.weight.shape[0]}'
+                f' output features of the {type(layer).__name__}')
+    return None
+
+
+def _fold_into(layer: eqx.nn.Linear | eqx.nn.Conv, norm: BatchNorm | eqx.nn.BatchNorm,
+               state: eqx.nn.State) -> eqx.nn.Linear | eqx.nn.Conv:
+    # Equinox puts the output features first (weight (out, in, *kernel), bias
+    # (out, 1, ..., 1)); fold_batch_norm takes them last.
+    out = layer.weight.shape[0]
+    bias = None if layer.bias is None else layer.bias.reshape(out)
+    affine = norm.channelwise_affine
+    kernel, bias = fold_batch_norm(
+        jnp.moveaxis(layer.weight, 0, -1), bias, _running_statistics(norm, state),
+        norm.weight if affine else None, norm.bias if affine else None, epsilon=norm.eps)
+    bias_shape = (out,) + (1,) * (layer.weight.ndim - 2 if isinstance(layer, eqx.nn.Conv) else 0)
+    layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer,
+                        (jnp.moveaxis(kernel, -1, 0), bias.reshape(bias_shape)),
+                        is_leaf=lambda v: v is None)
+    if not layer.use_bias:  # a static field, which tree_at cannot set; layer is a new copy
+        object.__setattr__(layer, 'use_bias', True)
+    return layer
+
+
+def _fold_sequentials(tree: _PyTreeT, prefix: tuple[Any, ...], state: eqx.nn.State,
+                      reasons: dict[str, str]) -> _PyTreeT:
+    """``tree`` with the pairs of each ``eqx.nn.Sequential`` in it folded, inner ones first."""
+    def fold(path: tuple[Any, ...], node: Any) -> Any:
+        if not isinstance(node, eqx.nn.Sequential):
+            return node
+        path = prefix + path + (jax.tree_util.GetAttrKey('layers'),)
+        entries = [_fold_sequentials(entry, path + (jax.tree_util.SequenceKey(i),), state,
+                                     reasons) for i, entry in enumerate(node.layers)]
+        folded = list(entries)
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, _FOLD_NORMS):
+                continue
+            reason = ('it is the first entry of an eqx.nn.Sequential' if i == 0
+                      else _unfoldable(entries[i - 1], entry))
+            if reason is None:
+                folded[i - 1], folded[i] = _fold_into(entries[i - 1], entry, state), \
+                    eqx.nn.Identity()
+            else:
+                reasons[jax.tree_util.keystr(path + (jax.tree_util.SequenceKey(i),))] = reason
+        return eqx.tree_at(lambda s: s.layers, node, tuple(folded))
+
+    return jax.tree_util.tree_map_with_path(
+        fold, tree, is_leaf=lambda v: isinstance(v, eqx.nn.Sequential))
+
+
+def fold_batch_norms(model: _PyTreeT,
+                     state: eqx.nn.State) -> tuple[_PyTreeT, eqx.nn.State]:
+    """Folds inference-mode BatchNorms into the Linear or Conv layers before them.
+
+    Recognized: in every ``eqx.nn.Sequential`` of ``model`` (nested ones
+    included), an ``eqx.nn.Linear`` or ``eqx.nn.Conv`` (``Conv1d``/``2d``/
+    ``3d``; not ``ConvTranspose``) immediately followed by a BatchNorm
+    (:class:`normlib.equinox.BatchNorm` or ``eqx.nn.BatchNorm``, either
+    ``mode``). The layer gets ``weight`` and ``bias`` from
+    :func:`normlib.fold_batch_norm` (``weight * f`` along the output
+    channels, ``(bias - mean) * f + bn_bias`` with ``f = weight_bn / sqrt(var
+    + eps)``; a layer without a bias gets one and ``use_bias=True``) and the
+    BatchNorm becomes ``eqx.nn.Identity()``, so the model computes what it
+    computed with the BatchNorm in inference mode, to float32 rounding. The
+    statistics are those inference uses: normlib's running ``(mean, var)``,
+    ``eqx.nn.BatchNorm``'s ``ema`` averages or its debiased ``batch`` ones.
+
+    A BatchNorm that is not folded (first in a Sequential, after anything but
+    a Linear or Conv, or outside a Sequential) is left as it is, with a
+    warning naming its path and the reason.
+
+    Args:
+      model: any pytree of Equinox modules; it is not modified.
+      state: the ``eqx.nn.State`` holding the model's running statistics.
+
+    Returns:
+      ``(folded model, its state)``: the state without the folded BatchNorms'
+      entries (``state.substate`` of the folded model).
+
+    Example:
+        >>> import equinox as eqx, jax, jax.numpy as jnp
+        >>> import normlib.equinox
+        >>> model, state = eqx.nn.make_with_state(eqx.nn.Sequential)([
+        ...     eqx.nn.Linear(4, 3, key=jax.random.key(0)),
+        ...     normlib.equinox.BatchNorm(3, 'batch'), eqx.nn.Lambda(jax.nn.relu)])
+        >>> run = jax.vmap(model, axis_name='batch', in_axes=(0, None), out_axes=(0, None))
+        >>> x = jax.random.normal(jax.random.key(1), (8, 4))
+        >>> _, state = run(x, state)  # a training step moves the running statistics
+        >>> model = eqx.nn.inference_mode(model)
+        >>> folded, folded_state = normlib.equinox.fold_batch_norms(model, state)
+        >>> folded.layers[1]
+        Identity()
+        >>> bool(jnp.allclose(jax.vmap(folded)(x), run(x, state)[0], atol=1e-5))
+        True
+    """
+    reasons: dict[str, str] = {}
+    folded = _fold_sequentials(model, (), state, reasons)
+    leaves = jax.tree_util.tree_leaves_with_path(
+        folded, is_leaf=lambda v: isinstance(v, _FOLD_NORMS))
+    for path, leaf in leaves:
+        if isinstance(leaf, _FOLD_NORMS):
+            where = jax.tree_util.keystr(path)
+            reason = reasons.get(where, 'it is not an entry of an eqx.nn.Sequential')
+            warnings.warn(f'fold_batch_norms: the BatchNorm at model{where} is not folded:'
+                          f' {reason}.', stacklevel=2)
+    return folded, state.substate(folded)

@@ -37,6 +37,7 @@ registered for serialization as ``normlib>BatchNormalization`` etc.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import keras
 
 from normlib import _moments
-from normlib._batch_norm import BatchNormState, batch_norm
+from normlib._batch_norm import BatchNormState, batch_norm, fold_batch_norm
 from normlib._layer_norm import group_norm, layer_norm, rms_norm
 from normlib._lp_norm import l2_normalize
 
@@ -203,3 +204,174 @@ if hasattr(keras.layers, 'RMSNormalization'):
             y = rms_norm(_floating(x), _value(self.scale), axis=_axes(self.axis),
                          epsilon=self.epsilon)
             return keras.ops.cast(y, self.compute_dtype)
+
+
+# Batch-norm folding (a deployment transform of whole models).
+
+_FOLD_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def _unfoldable(layer: Any, norm: keras.layers.BatchNormalization) -> str | None:
+    """Why ``norm`` cannot fold into ``layer``, whose output is its input (None when it can)."""
+    if not isinstance(layer, _FOLD_LAYERS):
+        return (f'its input comes from a {type(layer).__name__}, not from a Dense or'
+                ' Conv1D/2D/3D')
+    if layer.activation is not keras.activations.linear:
+        return (f'{layer.name!r} applies activation='
+                f'{keras.activations.serialize(layer.activation)!r} before it')
+    if getattr(layer, 'data_format', 'channels_last') != 'channels_last':
+        return f'{layer.name!r} is channels_first'
+    if getattr(layer, 'lora_enabled', False) or getattr(layer, 'quantization_mode', None):
+        return f'{layer.name!r} has LoRA or quantized weights'
+    ndim = norm.input_spec.ndim if norm.input_spec is not None else None
+    if not (norm.axis == -1 or (ndim is not None and norm.axis == ndim - 1)):
+        return (f'its axis={norm.axis}: only a BatchNormalization over the last axis (the'
+                " layer's output features) folds")
+    return None
+
+
+def _sequential_pairs(model: keras.Sequential) -> tuple[dict[int, Any], dict[int, str]]:
+    """``{id(layer): norm}`` of the folding pairs, and why each other norm is not folded."""
+    pairs, reasons = {}, {}
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            reason = ('it is the first layer' if i == 0
+                      else _unfoldable(model.layers[i - 1], layer))
+            if reason is None:
+                pairs[id(model.layers[i - 1])] = layer
+            else:
+                reasons[id(layer)] = reason
+    return pairs, reasons
+
+
+def _functional_pairs(model: keras.Model) -> tuple[dict[int, Any], dict[int, str]]:
+    """As :func:`_sequential_pairs`, from the functional model's graph of calls."""
+    # Keras has no public view of a functional model's calls: _nodes_by_depth is
+    # the graph clone_model walks.
+    nodes = [node for depth in model._nodes_by_depth.values() for node in depth
+             if node.operation is not None and not node.is_input]
+    calls, consumers = {}, {id(x): 1 for x in model.outputs}
+    for node in nodes:
+        calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+        for x in node.input_tensors:
+            consumers[id(x)] = consumers.get(id(x), 0) + 1
+    pairs, reasons = {}, {}
+    for node in nodes:
+        norm = node.operation
+        if not isinstance(norm, keras.layers.BatchNormalization):
+            continue
+        (x, *others) = node.input_tensors
+        layer = x._keras_history.operation
+        reason = _unfoldable(layer, norm)
+        if reason is None and (calls[id(norm)] > 1 or calls[id(layer)] > 1 or others):
+            reason = f'it or {layer.name!r} is called more than once in the model'
+        if reason is None and consumers[id(x)] > 1:
+            reason = f'the output of {layer.name!r} also goes elsewhere'
+        if reason is None:
+            pairs[id(layer)] = norm
+        else:
+            reasons[id(norm)] = reason
+    return pairs, reasons
+
+
+def _folded_weights(layer: Any, norm: keras.layers.BatchNormalization) -> tuple[Any, Any]:
+    state = BatchNormState(_statistic(norm.moving_mean), _statistic(norm.moving_variance),
+                           jnp.zeros((), jnp.int32))
+    return fold_batch_norm(
+        _value(layer.kernel), _value(layer.bias) if layer.use_bias else None, state,
+        _value(norm.gamma) if norm.scale else None, _value(norm.beta) if norm.center else None,
+        epsilon=norm.epsilon)
+
+
+def fold_batch_norms(model: keras.Model) -> keras.Model:
+    """Folds inference-mode BatchNormalizations into the Dense or Conv layers before them.
+
+    Recognized, among the layers of ``model`` (a ``keras.Sequential`` or a
+    functional ``keras.Model``): a ``BatchNormalization`` (Keras's or
+    :class:`normlib.keras.BatchNormalization`) over the last axis whose input
+    is the output of a ``Dense`` or ``Conv1D``/``Conv2D``/``Conv3D``
+    (``channels_last``, no activation, no LoRA or quantization), that output
+    going to nothing else (in a Sequential: the layer just before it), each
+    of the two called once in the model. The returned model has the same
+    graph without those BatchNormalizations; each such layer has
+    ``use_bias=True`` and weights from :func:`normlib.fold_batch_norm`
+    (``kernel * f``, ``(bias - moving_mean) * f + beta`` with ``f = gamma /
+    sqrt(moving_variance + epsilon)``), every other layer is a copy with
+    the same weights, so the model computes what ``model`` computes in
+    inference mode (``training=False``), to float32 rounding. Nested models
+    are copied as they are (fold them with their own call).
+
+    A BatchNormalization that is not folded (after an Activation layer or a
+    layer with an activation, after a layer whose output also goes
+    elsewhere, first in a Sequential, over another axis) is kept, with a
+    warning naming it and the reason.
+
+    Args:
+      model: a built Sequential or functional Keras model; it is not modified.
+
+    Returns:
+      A new, uncompiled model of the same kind, with new layers and weights.
+
+    Raises:
+      TypeError: ``model`` is a subclassed model (it has no graph to rebuild).
+      ValueError: ``model`` is not built.
+
+    Example:
+        >>> import os; os.environ.setdefault('KERAS_BACKEND', 'jax')
+        'jax'
+        >>> import keras, numpy as np, normlib.keras
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+        ...                           normlib.keras.BatchNormalization(), keras.layers.ReLU()])
+        >>> x = np.random.default_rng(0).normal(size=(8, 4)).astype('float32')
+        >>> _ = model(x, training=True)  # a training step moves the moving statistics
+        >>> folded = normlib.keras.fold_batch_norms(model)
+        >>> [type(layer).__name__ for layer in folded.layers]
+        ['Dense', 'ReLU']
+        >>> bool(np.allclose(folded(x), model(x, training=False), atol=1e-5))
+        True
+    """
+    if not model.built:
+        raise ValueError(f'fold_batch_norms needs a built model; {model.name!r} is not built'
+                         ' (give it a keras.Input or call it on data first).')
+    sequential = isinstance(model, keras.Sequential)
+    if not sequential and not hasattr(model, '_nodes_by_depth'):
+        raise TypeError(f'fold_batch_norms takes a Sequential or functional model; {model.name!r}'
+                        f' is a subclassed {type(model).__name__}, which has no graph to rebuild.')
+    pairs, reasons = (_sequential_pairs if sequential else _functional_pairs)(model)
+    folded_norms = {id(norm) for norm in pairs.values()}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in folded_norms:
+            reason = reasons.get(id(layer), 'it is not called in the model')
+            warnings.warn(f'fold_batch_norms: the BatchNormalization {layer.name!r} is not'
+                          f' folded: {reason}.', stacklevel=2)
+    copies = []
+
+    def clone(layer: Any) -> Any:
+        if id(layer) in folded_norms:
+            return layer  # never called: see call()
+        config = layer.get_config()
+        if id(layer) in pairs:
+            config['use_bias'] = True
+        copy = layer.__class__.from_config(config)
+        if isinstance(layer, keras.layers.Layer):  # not a bare keras.ops operation
+            copies.append((layer, copy))
+        return copy
+
+    def call(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        return args[0] if id(layer) in folded_norms else layer(*args, **kwargs)
+
+    if sequential:
+        (x,) = model.inputs
+        new = keras.Sequential([keras.Input(batch_shape=x.shape, dtype=x.dtype)]
+                               + [clone(layer) for layer in model.layers
+                                  if id(layer) not in folded_norms], name=model.name)
+    else:
+        new = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    for layer, copy in copies:
+        if id(layer) in pairs:
+            kernel, bias = _folded_weights(layer, pairs[id(layer)])
+            copy.kernel.assign(kernel)
+            copy.bias.assign(bias)
+        else:
+            copy.set_weights(layer.get_weights())
+    return new

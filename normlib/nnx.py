@@ -28,9 +28,10 @@ all; both fail in ``nnx.vmap`` itself, as with Flax's modules.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ from flax.nnx.nn import dtypes
 from flax.typing import Initializer
 
 from normlib import _checks, _flax, _moments
-from normlib._batch_norm import BatchNormState
+from normlib._batch_norm import BatchNormState, fold_batch_norm
 
 _NO_METADATA = MappingProxyType({})
 # The layers' arguments are keyword-only (but those of _Layer and _flax._Groups);
@@ -283,4 +284,166 @@ class InstanceNorm(_PerExample, _flax.InstanceNormOptions, _Layer):
     """
 
 
-__all__ = ['BatchNorm', 'GroupNorm', 'InstanceNorm', 'LayerNorm', 'RMSNorm']
+# Batch-norm folding (a deployment transform of whole models).
+
+_FOLD_LAYERS = (nnx.Linear, nnx.Conv)
+_FOLD_NORMS = (BatchNorm, nnx.BatchNorm)
+_ModelT = TypeVar('_ModelT', bound=nnx.Module)
+
+
+class _FoldedBatchNorm(nnx.Module):
+    """Where a BatchNorm was folded into the layer before it: returns its input."""
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+def _path(path: str | Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(path.split('/')) if isinstance(path, str) else tuple(path)
+
+
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(node, (nnx.List, list, tuple)):
+        return node[int(key)]
+    if isinstance(node, Mapping):
+        return node[key]
+    return getattr(node, str(key))
+
+
+def _set_child(node: Any, key: Any, value: Any) -> None:
+    if isinstance(node, (nnx.List, list)):
+        node[int(key)] = value
+    elif isinstance(node, Mapping):
+        node[key] = value
+    else:
+        setattr(node, str(key), value)
+
+
+def _unfoldable(layer: Any, norm: Any) -> str | None:
+    """Why ``norm`` cannot fold into ``layer`` (None when it can)."""
+    if not isinstance(layer, _FOLD_LAYERS):
+        what = (f'a {type(layer).__name__}' if isinstance(layer, nnx.Module)
+                else f'the function {getattr(layer, "__name__", type(layer).__name__)}')
+        return (f'it follows {what}, not an nnx.Linear or nnx.Conv (only a BatchNorm right'
+                ' after one of them folds)')
+    if norm.axis not in (-1, (-1,), [-1]):
+        return (f'its axis={norm.axis!r}: only a BatchNorm over the last axis (axis=-1, the'
+                " layer's output features) folds")
+    if norm.mean.shape != layer.kernel.shape[-1:]:
+        return (f'its {norm.mean.shape[0]} features do not match the'
+                f' {layer.kernel.shape[-1]} output features of the {type(layer).__name__}')
+    return None
+
+
+def _fold_into(layer: nnx.Linear | nnx.Conv, norm: BatchNorm | nnx.BatchNorm) -> None:
+    count = getattr(norm, 'count', None)
+    state = BatchNormState(norm.mean[...], norm.var[...],
+                           jnp.zeros((), jnp.int32) if count is None else count[...])
+    kernel, bias = fold_batch_norm(
+        layer.kernel[...], _value(layer.bias), state, _value(norm.scale), _value(norm.bias),
+        epsilon=norm.epsilon)
+    layer.kernel[...] = kernel
+    if layer.bias is None:
+        layer.bias = nnx.Param(bias)
+        layer.use_bias = True
+    else:
+        layer.bias[...] = bias
+
+
+def fold_batch_norms(model: _ModelT,
+                     pairs: Mapping[str | Sequence[Any], str | Sequence[Any]] | None = None,
+                     ) -> _ModelT:
+    """Folds evaluation-mode BatchNorms into the Linear or Conv layers before them.
+
+    NNX models have no graph, so two patterns are recognized:
+
+    * in every ``nnx.Sequential`` of the model (nested ones included), an
+      entry that is an ``nnx.Linear`` or ``nnx.Conv`` immediately followed
+      by a BatchNorm (:class:`normlib.nnx.BatchNorm` or ``flax.nnx.BatchNorm``);
+    * ``pairs``, for other modules: ``{layer path: BatchNorm path}``, paths as
+      tuples of attribute names and list indices or ``'/'``-joined strings
+      (``{'conv': 'bn'}``, ``{('blocks', 0, 'dense'): 'blocks/0/norm'}``),
+      the layer's output going only to that BatchNorm.
+
+    Each folded layer gets ``kernel`` and ``bias`` from
+    :func:`normlib.fold_batch_norm` (``kernel * f``, ``(bias - mean) * f +
+    bn_bias`` with ``f = scale / sqrt(var + epsilon)``; a layer without a bias
+    gets one and ``use_bias=True``), and the BatchNorm is replaced by a module
+    that returns its input, so the model computes what it computed with the
+    BatchNorm in evaluation mode (``use_running_average=True``), to float32
+    rounding, and every other module keeps its path. The BatchNorm must
+    normalize the last axis (``axis=-1``), the layer's output features.
+
+    A BatchNorm of the model that is not folded (in a Sequential after
+    anything but a Linear or Conv, or first; outside a Sequential and not in
+    ``pairs``; over another axis) is left as it is, with a warning naming
+    its path and the reason.
+
+    Args:
+      model: any NNX module; it is not modified.
+      pairs: layer path -> BatchNorm path, for layers outside a Sequential.
+
+    Returns:
+      A folded copy of ``model`` (``nnx.clone``), sharing no state with it.
+
+    Raises:
+      ValueError: a pair of ``pairs`` that does not fold (the path is not a
+        Linear or Conv and a BatchNorm, or the axis or features differ).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import normlib.nnx
+        >>> model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+        ...                        normlib.nnx.BatchNorm(3, rngs=nnx.Rngs(0)), nnx.relu)
+        >>> x = jax.random.normal(jax.random.key(0), (8, 4))
+        >>> _ = model(x)  # a training step moves the running statistics
+        >>> model.eval()
+        >>> folded = normlib.nnx.fold_batch_norms(model)
+        >>> type(folded.layers[1]).__name__
+        '_FoldedBatchNorm'
+        >>> bool(jnp.allclose(folded(x), model(x), atol=1e-5))
+        True
+    """
+    model = nnx.clone(model)
+    reasons: dict[tuple[Any, ...], str] = {}
+    for layer_path, norm_path in (pairs or {}).items():
+        layer_path, norm_path = _path(layer_path), _path(norm_path)
+        layer, norm = model, model
+        for key in layer_path:
+            layer = _child(layer, key)
+        for key in norm_path[:-1]:
+            norm = _child(norm, key)
+        parent, norm = norm, _child(norm, norm_path[-1])
+        where = f'pairs[{"/".join(map(str, layer_path))!r}] = {"/".join(map(str, norm_path))!r}'
+        if not isinstance(norm, _FOLD_NORMS):
+            raise ValueError(f'{where}: {type(norm).__name__} is not a BatchNorm'
+                             ' (normlib.nnx.BatchNorm or flax.nnx.BatchNorm).')
+        reason = _unfoldable(layer, norm)
+        if reason is not None:
+            raise ValueError(f'{where}: the BatchNorm does not fold: {reason}.')
+        _fold_into(layer, norm)
+        _set_child(parent, norm_path[-1], _FoldedBatchNorm())
+    for path, node in list(nnx.iter_graph(model)):
+        if not isinstance(node, nnx.Sequential):
+            continue
+        entries = list(node.layers)
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, _FOLD_NORMS):
+                continue
+            reason = ('it is the first entry of an nnx.Sequential' if i == 0
+                      else _unfoldable(entries[i - 1], entry))
+            if reason is None:
+                _fold_into(entries[i - 1], entry)
+                node.layers[i] = _FoldedBatchNorm()
+            else:
+                reasons[(*path, 'layers', i)] = reason
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, _FOLD_NORMS):
+            reason = reasons.get(tuple(path), 'it is neither in an nnx.Sequential nor in pairs')
+            warnings.warn(f'fold_batch_norms: the BatchNorm at {"/".join(map(str, path))!r}'
+                          f' is not folded: {reason}.', stacklevel=2)
+    return model
+
+
+__all__ = ['BatchNorm', 'GroupNorm', 'InstanceNorm', 'LayerNorm', 'RMSNorm', 'fold_batch_norms']
