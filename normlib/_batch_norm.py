@@ -298,12 +298,13 @@ def _chunk_average(chunks: _moments.Moments, sync, unbiased) -> _moments.Moments
     return _moments.Moments(totals[0].real, mean, jnp.zeros_like(mean), totals[2].real / chunks)
 
 
-def _standard_deviation(call: _Call):
+def _standard_deviation(call: _Call, *, from_output=False):
     """Batch norm's statistic: the standard deviation (a custom derivative
-    rule with a one-round backward pass across devices)."""
+    rule with a one-round backward pass across devices; with
+    ``from_output``, one that keeps ``y`` instead of ``x``)."""
     return _moments.standardize(call.x, call.scale, call.bias, axes=call.reduced,
                                 epsilon=call.epsilon, mask=call.mask, sync=call.sync,
-                                fallback=call.fallback)
+                                fallback=call.fallback, from_output=from_output)
 
 
 def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = None,
@@ -311,8 +312,8 @@ def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = No
                momentum: float | None = 0.99, epsilon: float = 1e-5,
                axis_name: AxisName | None = None, axis_index_groups: Groups | None = None,
                mask: jax.Array | None = None, unbiased_running_var: bool = False,
-               virtual_batch_size: int | None = None,
-               zero_debias: bool = False) -> tuple[jax.Array, BatchNormState]:
+               virtual_batch_size: int | None = None, zero_debias: bool = False,
+               memory_efficient: bool = False) -> tuple[jax.Array, BatchNormState]:
     r"""Batch normalization (Ioffe & Szegedy, 2015) with explicit state.
 
     In training mode, with the moments taken over every axis of ``x`` except
@@ -391,6 +392,15 @@ def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = No
         bias correction): the first batch replaces the mean-0/var-1 prior
         instead of being averaged with it. At ``momentum=1`` this is its
         limit, the average of all batches (as ``momentum=None``).
+      memory_efficient: in training mode, the reverse pass recovers
+        ``x_hat = (y - bias) / scale`` from the output instead of from
+        ``x``, so a training step keeps ``y`` (which the next layer usually
+        keeps anyway) and per-feature vectors, not ``x`` (Apex's option of
+        the same name). Gradients equal the default's to rounding of ``y``
+        (``x``'s dtype). Needs every ``scale`` entry nonzero: where one is
+        0, ``x_hat`` is lost and the gradients are NaN. Forward values,
+        forward mode and ``axis_name`` are unchanged; evaluation mode is
+        plain autodiff either way.
 
     Returns:
       ``(y, new_state)``; ``y`` has ``x``'s dtype and shape.
@@ -436,7 +446,9 @@ def batch_norm(x: jax.Array, state: BatchNormState, scale: jax.Array | None = No
         >>> bool(jnp.allclose(y_sharded.reshape(32, 4), y_single, atol=1e-6))
         True
     """
-    return _run(_standard_deviation, x, state, scale, bias, training=training, axis=axis,
+    statistic = functools.partial(
+        _standard_deviation, from_output=_checks.boolean('memory_efficient', memory_efficient))
+    return _run(statistic, x, state, scale, bias, training=training, axis=axis,
                 momentum=momentum, epsilon=epsilon, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, mask=mask, complex_ok=True,
                 unbiased_running_var=unbiased_running_var,

@@ -114,6 +114,21 @@ def static_number(name: str, value: Any) -> float:
         raise TypeError(f'{name} must be a number, got {value!r}.') from None
 
 
+def finite(name: str, value: Any) -> float:
+    """A static finite number (scale_offset)."""
+    number = static_number(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f'{name} must be finite, got {value!r}.')
+    return number
+
+
+def boolean(name: str, value: Any) -> bool:
+    """A Python bool (a flag that changes the program, so never traced)."""
+    if not isinstance(value, bool):
+        raise TypeError(f'{name} must be a Python bool, got {value!r}.')
+    return value
+
+
 def momentum(value: Any) -> float | None:
     if value is None:
         return None

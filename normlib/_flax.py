@@ -96,10 +96,14 @@ class BatchNormOptions(_Affine, _RunningAverages):
     Attributes:
       axis_name: mapped axis name(s) to take the statistics over as well.
       axis_index_groups: device groups normalized separately.
+      memory_efficient: in training, the reverse pass recovers ``x_hat``
+        from the output and keeps it instead of ``x`` (a normlib addition;
+        see :func:`normlib.batch_norm`).
     """
     epsilon: float = 1e-5
     axis_name: Any = None
     axis_index_groups: Any = None
+    memory_efficient: bool = False
 
     def _param_shape(self, x: jax.Array) -> tuple[int, ...]:
         """The shape of the parameters and running statistics: ``x``'s at ``axis``."""
@@ -115,7 +119,7 @@ class BatchNormOptions(_Affine, _RunningAverages):
             x, state, scale, bias, training=training, axis=self.axis, momentum=self.momentum,
             epsilon=self.epsilon, axis_name=self.axis_name if synced else None,
             axis_index_groups=self.axis_index_groups if synced else None, mask=mask,
-            unbiased_running_var=unbiased_running_var)
+            unbiased_running_var=unbiased_running_var, memory_efficient=self.memory_efficient)
 
 
 class _OnFeatureAxes:
@@ -124,6 +128,14 @@ class _OnFeatureAxes:
     def _param_shape(self, x: jax.Array) -> tuple[int, ...]:
         """The shape of the parameters: ``x``'s at ``feature_axes``."""
         return _shape_at(x, 'feature_axes', self.feature_axes)
+
+
+def scale_initializer(options: Any) -> Initializer:
+    """``options.scale_init``, or zeros for a zero-centred scale
+    (``scale_offset`` set and ``scale_init`` left at its default, ones)."""
+    if getattr(options, 'scale_offset', 0.0) and options.scale_init is jax.nn.initializers.ones:
+        return jax.nn.initializers.zeros
+    return options.scale_init
 
 
 def _layer_layout(options: 'LayerNormOptions | RMSNormOptions', x: jax.Array,
@@ -149,11 +161,15 @@ class LayerNormOptions(_Affine, _OnFeatureAxes):
     axis_name: Any = None
     axis_index_groups: Any = None
 
+    scale_offset: float = 0.0
+    memory_efficient: bool = False
+
     def _normalize(self, x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                    mask: jax.Array | None) -> jax.Array:
         reduced, (scale, bias) = _layer_layout(self, x, scale, bias)
         return layer_norm(x, scale, bias, axis=reduced, epsilon=self.epsilon, mask=mask,
-                          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+                          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                          scale_offset=self.scale_offset, memory_efficient=self.memory_efficient)
 
 
 @_options
@@ -170,6 +186,12 @@ class RMSNormOptions(_OnFeatureAxes):
       feature_axes: the axes ``scale`` spans.
       axis_name: mapped axis name(s) the normalized axes are sharded over.
       axis_index_groups: device groups normalized separately.
+      scale_offset: the layer multiplies by ``scale_offset + scale`` (in
+        float32); ``1.0`` is Gemma's zero-centred scale. With a nonzero
+        offset the default ``scale_init`` is zeros (a normlib addition).
+      memory_efficient: the reverse pass recovers ``x / rms`` from the
+        output and keeps it instead of ``x`` (a normlib addition; see
+        :func:`normlib.rms_norm`).
     """
     epsilon: float = 1e-6
     dtype: Dtype | None = None
@@ -180,12 +202,15 @@ class RMSNormOptions(_OnFeatureAxes):
     feature_axes: Axes = -1
     axis_name: Any = None
     axis_index_groups: Any = None
+    scale_offset: float = 0.0
+    memory_efficient: bool = False
 
     def _normalize(self, x: jax.Array, scale: jax.Array | None,
                    mask: jax.Array | None) -> jax.Array:
         reduced, (scale,) = _layer_layout(self, x, scale)
         return rms_norm(x, scale, axis=reduced, epsilon=self.epsilon, mask=mask,
-                        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+                        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                        scale_offset=self.scale_offset, memory_efficient=self.memory_efficient)
 
 
 @_options

@@ -35,23 +35,41 @@ def _params(name, value, x_shape, axes):
     return value.reshape(tuple(d if i in axes else 1 for i, d in enumerate(x_shape)))
 
 
-def _standardize(x, scale, bias, *, axes, epsilon, center, mask, axis_name, axis_index_groups):
+def _offset(scale, scale_offset, dtype):
+    """``scale_offset + scale`` in the compute dtype of ``x`` (float32 or
+    wider) whatever ``scale``'s dtype, so a bfloat16 ``scale`` near 0 keeps
+    its precision; ``scale`` unchanged when the offset is 0."""
+    offset = _checks.finite('scale_offset', scale_offset)
+    if offset == 0:
+        return scale
+    if scale is None:
+        raise ValueError(f'scale_offset={scale_offset!r} needs a scale: the layer multiplies'
+                         ' by scale_offset + scale.')
+    wide = jnp.promote_types(_moments.compute_dtype(dtype), scale.dtype)
+    return scale.astype(wide) + jnp.asarray(offset, wide)
+
+
+def _standardize(x, scale, bias, *, axes, epsilon, center, mask, axis_name, axis_index_groups,
+                 scale_offset=0.0, memory_efficient=False):
     epsilon = _checks.epsilon(epsilon, x.dtype)
     if mask is not None:
         mask = _checks.mask(mask, x.shape)
     sync = _moments.Sync.of(*_checks.axis_name(axis_name, axis_index_groups))
-    return _moments.standardize(x, scale, bias, axes=axes, epsilon=epsilon, center=center,
-                                mask=mask, sync=sync)[0]
+    return _moments.standardize(
+        x, _offset(scale, scale_offset, x.dtype), bias, axes=axes, epsilon=epsilon,
+        center=center, mask=mask, sync=sync,
+        from_output=_checks.boolean('memory_efficient', memory_efficient))[0]
 
 
 def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
                axis: int | Sequence[int] = -1, epsilon: float = 1e-6,
                mask: jax.Array | None = None, axis_name: AxisName | None = None,
-               axis_index_groups: Sequence[Sequence[int]] | None = None) -> jax.Array:
+               axis_index_groups: Sequence[Sequence[int]] | None = None,
+               scale_offset: float = 0.0, memory_efficient: bool = False) -> jax.Array:
     r"""Layer normalization (Ba, Kiros & Hinton, 2016).
 
     .. math::
-      y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot scale + bias
+      y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot (scale\_offset + scale) + bias
 
     with the mean and biased variance taken over ``axis`` for each position of
     the other axes, counting only entries where ``mask`` is True. Moments are
@@ -75,6 +93,24 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
         one row's moments per feature); backward, one.
       axis_index_groups: device groups for ``axis_name``, as in
         :func:`batch_norm`.
+      scale_offset: a number added to ``scale`` (0 by default).
+        ``scale_offset=1.0`` is the zero-centred scale of Gemma: the layer
+        multiplies by ``1 + scale`` and ``scale`` starts at 0, so weight
+        decay pulls it toward the identity. The sum is taken in float32 (or
+        ``x``'s wider dtype) whatever ``scale``'s dtype, so a bfloat16
+        ``scale`` near 0 is not rounded to bfloat16's spacing near 1.
+        Needs a ``scale``.
+      memory_efficient: the reverse pass recovers
+        ``x_hat = (y - bias) / (scale_offset + scale)`` from the output
+        instead of from ``x``, so a training step keeps ``y`` (which the
+        next layer usually keeps anyway) and per-row vectors, not ``x``
+        (Apex's option of the same name). Gradients equal the default's to
+        rounding of ``y`` (``x``'s dtype). Needs every entry of the
+        effective scale nonzero: where one is 0, ``x_hat`` is lost and the
+        gradients are NaN. Forward values and forward mode are unchanged.
+
+    Returns:
+      ``y``, with ``x``'s dtype and shape.
 
     References:
       Ba, Kiros & Hinton, `Layer Normalization
@@ -99,22 +135,27 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     return _standardize(x, _params('scale', scale, x.shape, axes),
                         _params('bias', bias, x.shape, axes), axes=axes, epsilon=epsilon,
                         center=True, mask=mask, axis_name=axis_name,
-                        axis_index_groups=axis_index_groups)
+                        axis_index_groups=axis_index_groups, scale_offset=scale_offset,
+                        memory_efficient=memory_efficient)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequence[int] = -1,
              epsilon: float = 1e-6, mask: jax.Array | None = None,
              axis_name: AxisName | None = None,
-             axis_index_groups: Sequence[Sequence[int]] | None = None) -> jax.Array:
+             axis_index_groups: Sequence[Sequence[int]] | None = None,
+             scale_offset: float = 0.0, memory_efficient: bool = False) -> jax.Array:
     r"""Root-mean-square normalization (Zhang & Sennrich, 2019).
 
     .. math::
-      y = \frac{x}{\sqrt{\frac{1}{n}\sum x^2 + \epsilon}} \cdot scale
+      y = \frac{x}{\sqrt{\frac{1}{n}\sum x^2 + \epsilon}} \cdot (scale\_offset + scale)
 
     with the mean square over ``axis`` (valid entries of ``mask`` only), in
     float32 or wider; ``y`` has ``x``'s dtype. Arguments as in
     :func:`layer_norm`; with ``axis_name`` the mean squares need one
     forward collective (the count-weighted mean square) and one backward.
+    ``scale_offset=1.0`` is Gemma's ``x * rsqrt(mean(x**2) + eps) * (1 +
+    scale)`` with ``1 + scale`` in float32; ``memory_efficient`` recovers
+    ``x / rms`` from ``y`` in the reverse pass (see :func:`layer_norm`).
 
     References:
       Zhang & Sennrich, `Root Mean Square Layer Normalization
@@ -130,7 +171,8 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
     axes = _checks.axes('axis', axis, x.ndim)
     return _standardize(x, _params('scale', scale, x.shape, axes), None, axes=axes,
                         epsilon=epsilon, center=False, mask=mask, axis_name=axis_name,
-                        axis_index_groups=axis_index_groups)
+                        axis_index_groups=axis_index_groups, scale_offset=scale_offset,
+                        memory_efficient=memory_efficient)
 
 
 def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,

@@ -547,10 +547,11 @@ class _Spec(NamedTuple):
     epsilon: float
     center: bool
     sync: Sync | None
+    from_output: bool = False  # the reverse pass recovers x_hat from y (memory_efficient)
 
 
 def standardize(x, scale=None, bias=None, *, axes, epsilon, center=True, mask=None,
-                sync: Sync | None = None, fallback=None):
+                sync: Sync | None = None, fallback=None, from_output=False):
     """Normalizes ``x`` with its own moments; returns ``(y, moments)``.
 
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` in ``x``'s dtype,
@@ -566,12 +567,16 @@ def standardize(x, scale=None, bias=None, *, axes, epsilon, center=True, mask=No
 
     Outputs are differentiable in forward and reverse mode, the moments
     included (callers stop their gradients where the running statistics
-    need it; ``fallback`` carries no gradient).
+    need it; ``fallback`` carries no gradient). With ``from_output`` the
+    derivative rule recovers ``x_hat = (y - bias) / scale`` from the output
+    instead of recomputing it from ``x``, so a reverse pass keeps ``y``
+    (which its consumer usually keeps anyway) and not ``x``: a scale entry
+    of 0 makes the derivatives NaN, as ``x_hat`` is then lost.
     """
     if fallback is not None:
         fallback = tuple(jax.lax.stop_gradient(v) for v in fallback)
     dtype = compute_dtype(x.dtype)
-    return _standardize(_Spec(tuple(axes), float(epsilon), center, sync), x,
+    return _standardize(_Spec(tuple(axes), float(epsilon), center, sync, bool(from_output)), x,
                         widened(scale, dtype), widened(bias, dtype), mask, fallback)
 
 
@@ -717,6 +722,21 @@ def _x_hat(spec, x, stats: _Statistics, step: _schedule.Pass):
     return _standard(x, used, inv, s, spec.center)
 
 
+def _recovered(spec, source, stats: _Statistics, step: _schedule.Pass, *, scale, bias):
+    """``x_hat`` in the compute dtype, in pass ``step``: from ``x`` (``source``),
+    or with ``spec.from_output`` from the output ``y = x_hat * scale + bias``
+    (``source``) as ``(y - bias) * (1 / scale)``, NaN where ``scale`` is 0."""
+    if not spec.from_output:
+        return _x_hat(spec, source, stats, step)
+    y, scale, bias = _schedule.private((source, scale, bias), step)
+    xhat = y.astype(compute_dtype(y.dtype))
+    if bias is not None:
+        xhat = xhat - widened(bias, xhat.dtype)
+    if scale is not None:
+        xhat = xhat * (1 / widened(scale, xhat.dtype))
+    return xhat
+
+
 def _output(spec, x, scale, bias, stats: _Statistics):
     return affine(_x_hat(spec, x, stats, _schedule.Pass.OUTPUT), scale, bias).astype(x.dtype)
 
@@ -736,11 +756,14 @@ def _standardize_jvp(spec, primals, tangents):
     # Checkpointed, the tangent maps keep only their inputs (x and
     # per-feature vectors) for the reverse pass, which recomputes x_hat. The
     # collective stays outside: checkpoints lose vmap's named axes.
+    # With spec.from_output they keep y instead of x, and recover x_hat from it.
     remat = lambda f: jax.checkpoint(functools.partial(f, spec), prevent_cse=False)
-    sums = group_sum(remat(_tangent_sums)(x, stats, dx=dx, mask=mask), spec.sync)
+    source = y if spec.from_output else x
+    sums = group_sum(remat(_tangent_sums)(source, stats, dx=dx, mask=mask, scale=scale,
+                                          bias=bias), spec.sync)
     means = sums / jnp.maximum(stats.batch.count, 1)[None]
-    dy, dm = remat(_tangent)(x, stats, means, scale=scale, mask=mask, dx=dx, dscale=dscale,
-                             dbias=dbias)
+    dy, dm = remat(_tangent)(source, stats, means, scale=scale, bias=bias, mask=mask, dx=dx,
+                             dscale=dscale, dbias=dbias)
     return (y, stats.batch), (dy, dm)
 
 
@@ -763,10 +786,11 @@ def _varying_axes(v) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, 'vma', ()))
 
 
-def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask):
-    """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries."""
+def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask, scale, bias):
+    """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries
+    (``x`` is the output ``y`` with ``spec.from_output``: see :func:`_recovered`)."""
     dxf = dx.astype(compute_dtype(x.dtype))
-    xhat = _x_hat(spec, x, stats, _schedule.Pass.TANGENT_SUMS)
+    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
     if mask is not None:
         xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
     sums = [_sum(_real_product(xhat, dxf), spec.axes)]
@@ -775,7 +799,7 @@ def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask):
     return jnp.stack(sums)
 
 
-def _tangent(spec, x, stats: _Statistics, means, *, scale, mask, dx, dscale, dbias):
+def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscale, dbias):
     r"""The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
 
     With ``x_hat = (x - mean) * inv``, ``inv = rsqrt(var + epsilon)`` (of
@@ -792,11 +816,13 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, mask, dx, dscale, dbi
     ``d var = 2 mean(Re(conj(x_hat) dx)) sqrt(var + epsilon)`` (0 for a
     feature with no valid entry). The per-feature factors multiply the means
     before they are broadcast, so the reverse pass reduces ``sum(g)`` and
-    ``sum(g * x_hat)`` once each.
+    ``sum(g * x_hat)`` once each. With ``spec.from_output``, ``x`` is the
+    output ``y`` and ``x_hat`` is recovered from it (:func:`_recovered`).
     """
     # Masked padding may hold NaN or inf: with no cotangent there, it must
     # not reach the sums of the reverse pass.
-    xhat = finite_padding(_x_hat(spec, x, stats, _schedule.Pass.TANGENT), mask)
+    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT, scale=scale, bias=bias)
+    xhat = finite_padding(xhat, mask)
     m = stats.batch
     local = _varying_like(means, x)  # what meets x: per shard, cast once
     inv = stats.inv * stats.s  # per unit of x

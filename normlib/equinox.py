@@ -190,13 +190,22 @@ class _Elementwise(eqx.Module):
     eps: float = eqx.field(static=True)
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
+    scale_offset: float = eqx.field(static=True)
+    memory_efficient: bool = eqx.field(static=True)
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
-                 use_bias: bool = True, dtype: Any = None) -> None:
+                 use_bias: bool = True, dtype: Any = None, *, scale_offset: float = 0.0,
+                 memory_efficient: bool = False) -> None:
         self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.eps = eps
         self.use_weight, self.use_bias = use_weight, use_bias
         self.weight, self.bias = _affine(self.shape, use_weight, use_bias, dtype)
+        self.scale_offset, self.memory_efficient = float(scale_offset), bool(memory_efficient)
+        if self.scale_offset and self.weight is not None:  # zero-centred: starts at 0
+            self.weight = jnp.zeros_like(self.weight)
+
+    def _options(self) -> dict:
+        return {'scale_offset': self.scale_offset, 'memory_efficient': self.memory_efficient}
 
     def __call__(self, x: jax.Array, state: eqx.nn.State | None = None, *, key: Any = None,
                  mask: jax.Array | None = None) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
@@ -214,7 +223,11 @@ class LayerNorm(_Elementwise):
     """Layer normalization over every axis of ``x``; computes :func:`normlib.layer_norm`.
 
     ``eqx.nn.LayerNorm``'s arguments: ``x`` has shape ``shape`` (one
-    example), ``weight`` and ``bias`` have that shape too.
+    example), ``weight`` and ``bias`` have that shape too. normlib's
+    keyword arguments: ``scale_offset`` (the layer multiplies by
+    ``scale_offset + weight``, in float32; ``1.0`` is Gemma's zero-centred
+    scale, and ``weight`` then starts at zeros) and ``memory_efficient``
+    (see :func:`normlib.layer_norm`).
 
     Example:
         >>> import jax, jax.numpy as jnp, normlib.equinox
@@ -226,32 +239,43 @@ class LayerNorm(_Elementwise):
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True,
                  use_bias: bool = True, dtype: Any = None, *,
-                 elementwise_affine: bool | None = None) -> None:
+                 elementwise_affine: bool | None = None, scale_offset: float = 0.0,
+                 memory_efficient: bool = False) -> None:
         if elementwise_affine is not None:
             use_weight = use_bias = elementwise_affine
-        super().__init__(shape, eps, use_weight, use_bias, dtype)
+        super().__init__(shape, eps, use_weight, use_bias, dtype, scale_offset=scale_offset,
+                         memory_efficient=memory_efficient)
 
     def _normalize(self, x: jax.Array, axes: tuple[int, ...],
                    mask: jax.Array | None) -> jax.Array:
-        return layer_norm(x, self.weight, self.bias, axis=axes, epsilon=self.eps, mask=mask)
+        return layer_norm(x, self.weight, self.bias, axis=axes, epsilon=self.eps, mask=mask,
+                          **self._options())
 
 
 class RMSNorm(_Elementwise):
     """RMS normalization over every axis of ``x``; computes :func:`normlib.rms_norm`.
 
     ``eqx.nn.RMSNorm``'s arguments: ``y = x / sqrt(mean(x**2) + eps) * weight
-    + bias``, the optional ``bias`` added after normlib's RMS norm.
+    + bias``, the optional ``bias`` added after normlib's RMS norm;
+    ``scale_offset`` and ``memory_efficient`` as in :class:`LayerNorm`
+    (``memory_efficient`` needs ``use_bias=False``, as the bias is added
+    outside the normalization).
     """
 
     def _normalize(self, x: jax.Array, axes: tuple[int, ...],
                    mask: jax.Array | None) -> jax.Array:
         if self.bias is None:
-            return rms_norm(x, self.weight, axis=axes, epsilon=self.eps, mask=mask)
+            return rms_norm(x, self.weight, axis=axes, epsilon=self.eps, mask=mask,
+                            **self._options())
+        if self.memory_efficient:
+            raise ValueError('RMSNorm(memory_efficient=True) needs use_bias=False: the bias is'
+                             ' added after the normalization, whose output is what it keeps.')
         # rms_norm takes no bias: add it in the compute dtype, so that y is
         # rounded to x's dtype once (rounding before the sum loses the
         # digits that cancel).
         wide = _moments.compute_dtype(x.dtype)
-        y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps, mask=mask)
+        y = rms_norm(x.astype(wide), self.weight, axis=axes, epsilon=self.eps, mask=mask,
+                     scale_offset=self.scale_offset)
         return (y + self.bias.astype(wide)).astype(x.dtype)
 
 

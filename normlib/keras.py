@@ -143,24 +143,51 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return keras.ops.cast(y, self.compute_dtype)
 
 
+class _Options:
+    """normlib's two options of a layer or RMS norm layer, kept in its config.
+
+    ``scale_offset``: the layer multiplies by ``scale_offset + scale`` (in
+    float32); ``1.0`` is Gemma's zero-centred scale, and a nonzero offset
+    starts the scale at zeros. ``memory_efficient``: the reverse pass keeps
+    the output instead of the input (see :func:`normlib.layer_norm`).
+    """
+
+    def _take_options(self, kwargs: dict) -> dict:
+        self.scale_offset = float(kwargs.pop('scale_offset', 0.0))
+        self.memory_efficient = bool(kwargs.pop('memory_efficient', False))
+        return kwargs
+
+    def _options(self) -> dict:
+        return {'scale_offset': self.scale_offset, 'memory_efficient': self.memory_efficient}
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), **self._options()}
+
+
 @_register
-class LayerNormalization(keras.layers.LayerNormalization):
+class LayerNormalization(_Options, keras.layers.LayerNormalization):
     """``keras.layers.LayerNormalization`` computed by :func:`normlib.layer_norm`.
 
-    ``y = (x - mean) / sqrt(var + epsilon) * gamma + beta`` with the moments
-    over ``axis`` (Keras's normalized axes), float32 statistics (integer
-    inputs are cast to float32), returned in the layer's compute dtype.
+    ``y = (x - mean) / sqrt(var + epsilon) * (scale_offset + gamma) + beta``
+    with the moments over ``axis`` (Keras's normalized axes), float32
+    statistics (integer inputs are cast to float32), returned in the layer's
+    compute dtype. ``scale_offset`` (default 0; ``1.0`` is Gemma's
+    zero-centred scale, with ``gamma`` starting at zeros) and
+    ``memory_efficient`` are normlib's keyword arguments.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get('rms_scaling', False):
             raise ValueError('rms_scaling=True is deprecated in Keras and not implemented here;'
                              ' use normlib.keras.RMSNormalization.')
+        kwargs = self._take_options(kwargs)
+        if self.scale_offset:
+            kwargs.setdefault('gamma_initializer', 'zeros')
         super().__init__(*args, **kwargs)
 
     def call(self, inputs: Any) -> Any:
         y = layer_norm(_floating(inputs), _value(self.gamma), _value(self.beta),
-                       axis=_axes(self.axis), epsilon=self.epsilon)
+                       axis=_axes(self.axis), epsilon=self.epsilon, **self._options())
         return keras.ops.cast(y, self.compute_dtype)
 
 
@@ -196,13 +223,23 @@ class UnitNormalization(keras.layers.UnitNormalization):
 if hasattr(keras.layers, 'RMSNormalization'):
 
     @_register
-    class RMSNormalization(keras.layers.RMSNormalization):
+    class RMSNormalization(_Options, keras.layers.RMSNormalization):
         """``keras.layers.RMSNormalization`` computed by :func:`normlib.rms_norm`:
-        ``y = x / sqrt(mean(x**2) + epsilon) * scale`` over ``axis``."""
+        ``y = x / sqrt(mean(x**2) + epsilon) * (scale_offset + scale)`` over
+        ``axis``; ``scale_offset`` and ``memory_efficient`` as in
+        :class:`LayerNormalization` (with an offset, ``scale`` starts at zeros)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **self._take_options(kwargs))
+
+        def build(self, input_shape: Any) -> None:
+            super().build(input_shape)
+            if self.scale_offset:
+                self.scale.assign(keras.ops.zeros(self.scale.shape, self.scale.dtype))
 
         def call(self, x: Any) -> Any:
             y = rms_norm(_floating(x), _value(self.scale), axis=_axes(self.axis),
-                         epsilon=self.epsilon)
+                         epsilon=self.epsilon, **self._options())
             return keras.ops.cast(y, self.compute_dtype)
 
 

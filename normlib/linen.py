@@ -46,7 +46,7 @@ def _promote(x: jax.Array, params: tuple[jax.Array | None, ...],
 
 def _affine(module: nn.Module, shape: tuple[int, ...]) -> tuple[jax.Array | None, ...]:
     """The ``scale`` and ``bias`` parameters (or None) of ``module``."""
-    scale = (module.param('scale', module.scale_init, shape, module.param_dtype)
+    scale = (module.param('scale', _flax.scale_initializer(module), shape, module.param_dtype)
              if module.use_scale else None)
     bias = (module.param('bias', module.bias_init, shape, module.param_dtype)
             if module.use_bias else None)
@@ -163,8 +163,8 @@ class RMSNorm(nn.Module, _flax.RMSNormOptions, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         x = jnp.asarray(x)
-        scale = (self.param('scale', self.scale_init, self._param_shape(x), self.param_dtype)
-                 if self.use_scale else None)
+        scale = (self.param('scale', _flax.scale_initializer(self), self._param_shape(x),
+                            self.param_dtype) if self.use_scale else None)
         x, out_dtype = _promote(x, (scale,), self.dtype)
         return self._normalize(x, scale, mask).astype(out_dtype)
 

@@ -92,7 +92,8 @@ class _Params:
 
     def __post_init__(self, rngs: nnx.Rngs, bias_metadata: Mapping[str, Any],
                       scale_metadata: Mapping[str, Any]) -> None:
-        self.scale = _param(self.use_scale, self.scale_init, rngs, self.num_features,
+        self.scale = _param(self.use_scale, _flax.scale_initializer(self), rngs,
+                            self.num_features,
                             self.param_dtype, scale_metadata)
         self.bias = _param(self.use_bias, self.bias_init, rngs, self.num_features,
                            self.param_dtype, bias_metadata)
@@ -236,7 +237,8 @@ class RMSNorm(_flax.RMSNormOptions, _Layer):
     scale_metadata: dataclasses.InitVar[Mapping[str, Any]] = _NO_METADATA
 
     def __post_init__(self, rngs: nnx.Rngs, scale_metadata: Mapping[str, Any]) -> None:
-        self.scale = _param(self.use_scale, self.scale_init, rngs, self.num_features,
+        self.scale = _param(self.use_scale, _flax.scale_initializer(self), rngs,
+                            self.num_features,
                             self.param_dtype, scale_metadata)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
