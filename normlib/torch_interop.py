@@ -1,4 +1,4 @@
-"""Moving batch norm layers between PyTorch and normlib.
+"""Moving batch, layer and RMS norm layers between PyTorch and normlib.
 
 PyTorch's ``BatchNorm{1,2,3}d`` keeps ``weight``, ``bias``, ``running_mean``,
 ``running_var`` (unbiased, ``n / (n - 1)``) and ``num_batches_tracked``, and
@@ -14,6 +14,11 @@ Evaluation mode uses the running statistics as stored in both libraries, so
 a converted layer gives torch's evaluation outputs. Only NumPy is needed:
 ``to_torch`` returns NumPy arrays, ready for
 ``{k: torch.from_numpy(v) for k, v in ...}``.
+
+Layer and RMS norm (``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``) keep
+``weight`` (and ``bias``); a normlib layer with ``scale_offset`` multiplies by
+``scale_offset + scale``, which :func:`layer_norm_from_torch` and
+:func:`layer_norm_to_torch` translate.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normlib import _checks
 from normlib._batch_norm import BatchNormState
 
 
@@ -100,3 +106,54 @@ def to_torch(state: BatchNormState, scale: jax.Array | None = None,
     if bias is not None:
         out['bias'] = np.array(bias, np.float32)
     return {prefix + k: v for k, v in out.items()}
+
+
+def layer_norm_from_torch(state_dict: Mapping[str, Any], prefix: str = '', *,
+                          scale_offset: float = 0.0
+                          ) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(scale, bias)`` for :func:`normlib.layer_norm` or :func:`normlib.rms_norm`
+    from a ``torch.nn.LayerNorm`` or ``torch.nn.RMSNorm`` ``state_dict``.
+
+    torch multiplies by ``weight``; normlib by ``scale_offset + scale``, so
+    ``scale = weight - scale_offset`` (float32): with ``scale_offset=1.0``
+    (Gemma's zero-centred form) a torch ``weight`` of ones becomes a
+    ``scale`` of zeros. Absent keys (``elementwise_affine=False``,
+    ``bias=False``, or an RMSNorm's bias) give None.
+
+    Args:
+      state_dict: a module's ``state_dict()`` (tensors or arrays).
+      prefix: the layer's key prefix in a model's state dict.
+      scale_offset: the offset the normlib layer adds to ``scale``.
+
+    Returns:
+      ``(scale, bias)``, float32 or None.
+
+    Example:
+        >>> import numpy as np
+        >>> from normlib import torch_interop
+        >>> scale, bias = torch_interop.layer_norm_from_torch(
+        ...     {'weight': np.array([1.0, 1.5])}, scale_offset=1.0)
+        >>> scale.tolist(), bias
+        ([0.0, 0.5], None)
+    """
+    offset = _checks.finite('scale_offset', scale_offset)
+    weight, bias = (None if prefix + k not in state_dict else
+                    jnp.asarray(_numpy(state_dict[prefix + k]), jnp.float32)
+                    for k in ('weight', 'bias'))
+    return (None if weight is None else weight - offset), bias
+
+
+def layer_norm_to_torch(scale: jax.Array | None, bias: jax.Array | None = None,
+                        prefix: str = '', *, scale_offset: float = 0.0
+                        ) -> dict[str, np.ndarray]:
+    """A torch ``LayerNorm``/``RMSNorm`` ``state_dict`` (NumPy float32) from
+    normlib's ``scale`` and ``bias``: ``weight = scale_offset + scale``, the
+    sum taken in float32 (the inverse of :func:`layer_norm_from_torch`)."""
+    offset = _checks.finite('scale_offset', scale_offset)
+    out = {}
+    if scale is not None:
+        out['weight'] = np.asarray(jnp.asarray(scale, jnp.float32) + offset, np.float32)
+    if bias is not None:
+        out['bias'] = np.array(bias, np.float32)
+    return {prefix + k: v for k, v in out.items()}
+

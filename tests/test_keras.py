@@ -50,9 +50,11 @@ def test_same_weights_and_outputs_as_keras(theirs, ours, kwargs, tmp_path):
 def test_config_and_keras_file_round_trip(theirs, ours, kwargs, tmp_path):
     layer = ours(**kwargs, name='norm')
     config = layer.get_config()
+    additions = {'BatchNormalization': {'synchronized': False},
+                 'LayerNormalization': {'scale_offset': 0.0, 'memory_efficient': False},
+                 'RMSNormalization': {'scale_offset': 0.0, 'memory_efficient': False}}
     assert config == {**theirs(**kwargs, name='norm').get_config(),
-                      **({'synchronized': False} if theirs is keras.layers.BatchNormalization
-                         else {})}
+                      **additions.get(theirs.__name__, {})}
     assert type(ours.from_config(config)) is ours
     model = model_with(ours, kwargs)
     x = RNG.normal(0, 1, (8, 6, 4)).astype('float32')

@@ -15,7 +15,9 @@ from normlib import linen as nl
 
 MODULES = ('BatchNorm', 'LayerNorm', 'RMSNorm', 'GroupNorm', 'InstanceNorm')
 NOT_COPIED = ('use_fast_variance', 'force_float32_reductions')
-ADDITIONS = {'BatchNorm': ['unbiased_running_var']}
+ADDITIONS = {'BatchNorm': ['memory_efficient', 'unbiased_running_var'],
+             'LayerNorm': ['scale_offset', 'memory_efficient'],
+             'RMSNorm': ['scale_offset', 'memory_efficient']}
 
 
 def _perturb(variables, seed=1):

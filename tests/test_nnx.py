@@ -13,7 +13,9 @@ from _reference import assert_close, random_input
 from normlib import nnx as nx
 
 MODULES = ('BatchNorm', 'LayerNorm', 'RMSNorm', 'GroupNorm', 'InstanceNorm')
-ADDITIONS = {'BatchNorm': ['unbiased_running_var']}
+ADDITIONS = {'BatchNorm': ['memory_efficient', 'unbiased_running_var'],
+             'LayerNorm': ['scale_offset', 'memory_efficient'],
+             'RMSNorm': ['scale_offset', 'memory_efficient']}
 
 
 def _perturb(module, seed=1):
@@ -41,8 +43,11 @@ def test_constructor_and_call_are_flax(name):
 
     flax_init = parameters(getattr(nnx, name).__init__, drop=('use_fast_variance',))
     ours = parameters(getattr(nx, name).__init__)
-    assert [p[0] for p in ours] == [p[0] for p in flax_init] + ADDITIONS.get(name, [])
-    assert ours[:len(flax_init)] == flax_init
+    # Flax's parameters in Flax's order; normlib's additions are keyword-only.
+    added = ADDITIONS.get(name, [])
+    assert sorted(p[0] for p in ours if p[0] not in [q[0] for q in flax_init]) == sorted(added)
+    assert [p for p in ours if p[0] not in added] == flax_init
+    assert all(p[1] is inspect.Parameter.KEYWORD_ONLY for p in ours if p[0] in added)
     assert (parameters(getattr(nx, name).__call__) == parameters(getattr(nnx, name).__call__))
 
 

@@ -237,3 +237,40 @@ def test_modules_pass_memory_efficient():
     w = ln.init(jax.random.key(0), x)
     lines = _saved(lambda x: jnp.sum(jnp.sin(ln.apply(w, x))), x)
     assert not any('from the argument x' in line for line in lines), lines
+
+
+def test_weight_decay_mask_decays_zero_centred_scales():
+    params = {'Dense_0': {'kernel': jnp.ones((2, 3))},
+              'RMSNorm_0': {'scale': jnp.zeros(3)},
+              'LayerNorm_0': {'scale': jnp.ones(3), 'bias': jnp.zeros(3)}}
+    assert normlib.weight_decay_mask(params)['RMSNorm_0']['scale'] is False
+    mask = normlib.weight_decay_mask(params, centred=['RMSNorm_0'])
+    assert mask['RMSNorm_0']['scale'] is True and mask['LayerNorm_0']['scale'] is False
+    every = normlib.weight_decay_mask(params, centred=True)
+    assert every['LayerNorm_0'] == {'scale': True, 'bias': False}
+
+    class Block(nnx.Module):
+        def __init__(self):
+            self.gemma = normlib.nnx.RMSNorm(3, scale_offset=1.0, rngs=nnx.Rngs(0))
+            self.plain = normlib.nnx.LayerNorm(3, rngs=nnx.Rngs(0))
+            self.dense = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    mask = normlib.weight_decay_mask(Block())
+    assert mask['gemma']['scale'] is True
+    assert mask['plain']['scale'] is False and mask['plain']['bias'] is False
+    assert mask['dense']['kernel'] is True
+
+
+def test_torch_rms_norm_round_trip_with_offset():
+    torch = pytest.importorskip('torch')
+    from normlib import torch_interop
+    layer = torch.nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, 8))
+    scale, bias = torch_interop.layer_norm_from_torch(layer.state_dict(), scale_offset=1.0)
+    assert bias is None
+    np.testing.assert_allclose(scale, np.linspace(-0.5, 0.5, 8), atol=1e-7)
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    np.testing.assert_allclose(normlib.rms_norm(jnp.asarray(x), scale, scale_offset=1.0),
+                               layer(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
+    back = torch_interop.layer_norm_to_torch(scale, None, 'norm.', scale_offset=1.0)
+    np.testing.assert_array_equal(back['norm.weight'], layer.weight.detach().numpy())
