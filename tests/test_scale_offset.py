@@ -274,3 +274,14 @@ def test_torch_rms_norm_round_trip_with_offset():
                                layer(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
     back = torch_interop.layer_norm_to_torch(scale, None, 'norm.', scale_offset=1.0)
     np.testing.assert_array_equal(back['norm.weight'], layer.weight.detach().numpy())
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    from benchmarks import memory_efficient
+    assert memory_efficient.main(['--smoke', '--out', str(tmp_path)]) == 0
+    import json
+    result = json.loads((tmp_path / 'memory_efficient.json').read_text())
+    assert result['max_grad_difference_relative'] < 1e-4
+    saved = result['saved_full_arrays']
+    assert any('argument x' in line for line in saved['False'])
+    assert not any('argument x' in line for line in saved['True'])
