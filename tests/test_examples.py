@@ -281,7 +281,7 @@ def test_loss_landscape_default_run_reproduces_the_paper(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['bn_mnist', 'lr_robustness', 'loss_landscape', 'flax_resnet',
-                                  'data_parallel'])
+                                  'data_parallel', 'ln_rnn'])
 def test_every_example_option_has_help_text(name, monkeypatch):
     import argparse
     import importlib

@@ -186,21 +186,3 @@ def test_ln_rnn_training_is_deterministic():
 
     first, again = run(0), run(0)
     assert first == again and first['step'] == [0, 10, 20]
-
-
-def test_ln_rnn_options_have_help_text(monkeypatch):
-    import argparse
-    seen = []
-
-    class Parsed(Exception):
-        pass
-
-    def capture(parser, args=None, namespace=None):
-        seen.append(parser)
-        raise Parsed
-
-    monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', capture)
-    with pytest.raises(Parsed):
-        ln_rnn.parse_args([])
-    actions = [a for a in seen[0]._actions if a.dest != 'help']
-    assert all(action.help for action in actions)
