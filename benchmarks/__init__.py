@@ -7,4 +7,6 @@ rounds. It also reads the compiled HLO (fusions and bytes moved), the
 temporaries of a jitted training step, and the output spread on offset data,
 then writes ``RESULTS.md`` and ``results.png``. ``--smoke`` runs every path on
 tiny inputs in seconds. Libraries that are not installed are skipped.
+``bash benchmarks/gpu.sh`` (``python -m benchmarks --gpu-run``) is the run
+for a GPU: device-side timing, bandwidth against the device's peak.
 """

@@ -6,6 +6,20 @@ Times every case, then writes ``results.json``, ``RESULTS.md`` and
 the recorded results). ``--gpu``
 adds the GPU section from a ``results.json`` written by a run on a GPU;
 ``--report`` rewrites the report of an earlier run without timing anything.
+
+``python -m benchmarks --gpu-run [--smoke] [--out DIR] [--rounds N] [--budget S]``
+is the run for a GPU (``bash benchmarks/gpu.sh`` installs and starts it):
+every case above plus large arrays, each timed on the device (``repeats``
+calls in one ``lax.fori_loop``, see ``benchmarks/_gpu.py``), reported as
+bandwidth (the must-move bytes over the time) against the device's peak
+and against flax.linen, with a 256 MiB copy as a check that the harness
+measures the memory. Rounds stop at ``--rounds`` (default 15) or when the
+next one would end past ``--budget`` seconds (default 270); results are
+saved after every round. It writes ``results.json`` and ``RESULTS.md`` to
+``--out`` (default ``out/gpu``, or ``out/gpu-smoke``). With ``--smoke`` it
+runs tiny cases on any backend (the CPU too) in seconds. Pass its
+``results.json`` to ``--gpu`` for the CPU report's GPU section, or to
+``--report`` to rewrite its own report.
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ from importlib import metadata
 import jax
 import tqdm
 
-from benchmarks import _cases, _hlo, _memory, _report, _stability, _timing
+from benchmarks import _cases, _gpu, _hlo, _memory, _report, _stability, _timing
 
 NOTES = pathlib.Path(__file__).with_name('NOTES.md')
 GPU_RESULTS = pathlib.Path(__file__).with_name('gpu_results.json')
@@ -64,10 +78,10 @@ def _load() -> float:
         return float('nan')
 
 
-def _bandwidth(mib: int, rounds: int) -> dict:
+def _bandwidth(mib: int, rounds: int, min_sample_s: float) -> dict:
     """GB/s (read + written) of a jitted ``x + 1`` and of ``numpy.copyto``."""
     case = _cases.Case('copy', (mib * 2 ** 18,), mode='fwd')
-    times = _timing.interleaved(_cases.copy_runners(case), rounds)
+    times = _timing.interleaved(_cases.copy_runners(case), rounds, min_sample_s=min_sample_s)
     return {'mib': mib, 'gbs': {k: 2 * case.nbytes / t / 1e9 for k, t in times.items()}}
 
 
@@ -75,7 +89,7 @@ def run(smoke: bool, rounds: int, min_sample_s: float) -> dict:
     results = {'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'), 'smoke': smoke,
                'machine': _machine(), 'versions': _versions(), 'rounds': rounds,
                'load': [_load()]}
-    results['bandwidth'] = _bandwidth(1 if smoke else 256, rounds)
+    results['bandwidth'] = _bandwidth(1 if smoke else 256, rounds, min_sample_s)
     results['cases'] = []
     for i, case in enumerate(tqdm.tqdm(_cases.cases(smoke), desc='cases', file=sys.stdout)):
         # A smoke run builds Haiku and Equinox (slow to compile) in one case only.
@@ -102,6 +116,29 @@ def run(smoke: bool, rounds: int, min_sample_s: float) -> dict:
     return results
 
 
+def _header(smoke: bool, rounds: int) -> dict:
+    return {'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'), 'smoke': smoke,
+            'machine': _machine(), 'versions': _versions(), 'rounds': rounds}
+
+
+def gpu_run(out: pathlib.Path, smoke: bool, rounds: int, budget_s: float) -> dict:
+    """``_gpu.run``, saving ``results.json`` and ``RESULTS.md`` after each round."""
+    header = _header(smoke, rounds)
+    print(f'device: {header["machine"]["device"]} ({header["machine"]["backend"]});'
+          f' peak {_gpu.peak(header["machine"]["device"])[0] or "unknown"} TB/s;'
+          f' budget {budget_s:g} s, at most {rounds} rounds', flush=True)
+
+    def save(results):
+        results = {**header, **results, 'max_rounds': rounds}
+        (out / 'results.json').write_text(json.dumps(results, indent=1))
+        (out / 'RESULTS.md').write_text(_report.gpu_markdown(results))
+        return results
+
+    results = _gpu.run(smoke, rounds, budget_s, header['machine']['device'], save,
+                       log=lambda line: print(line, flush=True))
+    return save(results)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='python -m benchmarks',
                                      description=__doc__.split('\n')[0])
@@ -116,13 +153,25 @@ def main(argv=None) -> int:
                              ' (default: the recorded one, if any)')
     parser.add_argument('--report', type=pathlib.Path, default=None,
                         help='results.json of an earlier run: only write its report')
+    parser.add_argument('--gpu-run', action='store_true',
+                        help='the GPU run: device-side timing, bandwidth against the peak')
+    parser.add_argument('--budget', type=float, default=270.0,
+                        help='--gpu-run: seconds for building and timing (default 270)')
     args = parser.parse_args(argv)
     if args.out is None:  # a smoke run never overwrites the recorded results
-        args.out = (pathlib.Path('out/benchmarks-smoke') if args.smoke
+        args.out = (pathlib.Path('out/gpu-smoke' if args.smoke else 'out/gpu') if args.gpu_run
+                    else pathlib.Path('out/benchmarks-smoke') if args.smoke
                     else pathlib.Path(__file__).parent)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.gpu_run:
+        results = gpu_run(args.out, args.smoke, args.rounds or (2 if args.smoke else 15),
+                          args.budget)
+        return _print_gpu(results, args.out)
     if args.report:
         results = json.loads(args.report.read_text())
+        if results.get('gpu_run'):
+            (args.out / 'RESULTS.md').write_text(_report.gpu_markdown(results))
+            return _print_gpu(results, args.out)
     else:
         rounds = args.rounds or (2 if args.smoke else 21)
         gpu_device = jax.default_backend() != 'cpu'
@@ -139,6 +188,12 @@ def main(argv=None) -> int:
         verdict = 'met' if met else 'MISSED' if met is False else ''
         print(f'{name}: {shown} (<= {bound:g}) {verdict}')
     print(f'wrote {args.out / "RESULTS.md"} and {args.out / "results.png"}')
+    return 0
+
+
+def _print_gpu(results: dict, out: pathlib.Path) -> int:
+    print('\n'.join(_report.gpu_summary(results)))
+    print(f'wrote {out / "results.json"} and {out / "RESULTS.md"}')
     return 0
 
 

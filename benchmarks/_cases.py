@@ -59,6 +59,11 @@ class Case:
         """
         return 2 if self.mode == 'fwd' else 5
 
+    @property
+    def floor_reads(self) -> int:
+        """Of ``floor_arrays``, those read: x (forward); x, x and dy (both)."""
+        return 1 if self.mode == 'fwd' else 3
+
 
 def cases(smoke: bool = False) -> list[Case]:
     """Every case of the full run, or one tiny case per code path with ``smoke``."""
@@ -194,13 +199,43 @@ def _jax_runner(built, case, x, dy):
     return lambda: compiled(*args), compiled
 
 
-def _torch_runner(case, x_np, dy_np):
+def _jax_loop_runner(built, case, x, dy, repeats):
+    """A runner of ``repeats`` calls in one ``fori_loop``: each iteration takes
+    the last one's output as its input (y for the forward, dx for both), so
+    that XLA can hoist nothing out of the loop."""
+    apply, params, state = built
+    if case.mode == 'fwd':
+        def f(params, state, x):
+            def body(_, carry):
+                x, s = carry
+                y, s = apply(params, s, x)
+                return y.astype(x.dtype), s
+            return jax.lax.fori_loop(0, repeats, body, (x, state))
+        args = (params, state, x)
+    else:
+        def f(params, state, x, dy):
+            def step(s, x):
+                y, vjp, s = jax.vjp(lambda p, x: apply(p, s, x), params, x, has_aux=True)
+                dp, dx = vjp(dy)
+                return dx.astype(x.dtype), s, y, dp
+            # y and the parameters' gradients ride in the carry: outputs of
+            # the last iteration, they are computed in every one.
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                 jax.eval_shape(step, state, x)[2:])
+            return jax.lax.fori_loop(0, repeats, lambda _, c: step(c[1], c[0]),
+                                     (x, state, *zeros))
+        args = (params, state, x, dy)
+    compiled = jax.jit(f).lower(*args).compile()
+    return lambda: compiled(*args)
+
+
+def _torch_runner(case, x_np, dy_np, device='cpu'):
     import torch
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[case.dtype]
     features = case.shape[-1]
 
     def tensor(a):
-        t = torch.from_numpy(a).to(dtype)
+        t = torch.from_numpy(a).to(device=device, dtype=dtype)
         # An NHWC array seen as NCHW is exactly PyTorch's channels-last layout.
         return t.permute(0, 3, 1, 2) if t.ndim == 4 else t
 
@@ -216,7 +251,7 @@ def _torch_runner(case, x_np, dy_np):
         def layer(t):
             return torch.nn.functional.normalize(t, dim=-1)
     if isinstance(layer, torch.nn.Module):
-        layer.to(dtype).train()
+        layer.to(device=device, dtype=dtype).train()
 
     if case.mode == 'fwd':
         def run():
@@ -234,6 +269,85 @@ def _torch_runner(case, x_np, dy_np):
     return run
 
 
+def _builders(case: Case) -> dict[str, Callable[[], Any]]:
+    features = case.shape[-1]
+    return {
+        'normlib': lambda: _normlib(case, features),
+        'flax': lambda: _flax(case, features, two_pass=False),
+        'flax two-pass': lambda: _flax(case, features, two_pass=True),
+        'haiku': lambda: _haiku(case, features),
+        'equinox': lambda: _equinox(case, features),
+        'jax': lambda: _plain_jax(case, features),
+    }
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def device_data(case: Case, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    """``(x, dy)`` in the case's dtype, drawn on the device as ``data`` draws them
+    (x offset from zero, dy standard normal): large arrays take seconds in NumPy."""
+    kx, kdy = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, case.shape, jnp.float32) * 2 + 3
+    return x.astype(case.dtype), jax.random.normal(kdy, case.shape, jnp.float32).astype(case.dtype)
+
+
+def loop_runners(case: Case, repeats: int, libraries=LIBRARIES, target_s: float = 0.025
+                 ) -> tuple[dict[str, tuple[Callable[[], Any], int]], dict[str, str]]:
+    """``({library: (runner, calls)}, {library: error})``: each runner makes
+    ``calls`` calls of ``case`` and waits for the last, for timing on a GPU.
+
+    JAX libraries run ``repeats`` calls as one ``fori_loop`` program; PyTorch
+    (on a GPU only, when it has CUDA) queues eager calls, as many as last
+    about ``target_s``, and synchronizes.
+    """
+    x, dy = device_data(case)
+    builders = _builders(case)
+    out, errors = {}, {}
+    for library in libraries:
+        if not available(library) or library in ('haiku', 'equinox'):
+            continue  # their layouts and wrappers are for the CPU comparison
+        try:
+            if library == 'torch':
+                if jax.default_backend() != 'gpu' or not _torch_cuda():
+                    continue
+                out[library] = _torch_queue(case, x, dy, target_s)
+                continue
+            built = builders[library]()
+            if built is not None:
+                out[library] = _jax_loop_runner(built, case, x, dy, repeats), repeats
+        except Exception as e:  # noqa: BLE001 -- an anchor's failure is a result
+            if library == 'normlib':
+                raise
+            errors[library] = f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'
+    return out, errors
+
+
+def _torch_queue(case, x, dy, target_s):
+    import time
+
+    import torch
+    f32 = (np.array(a.astype(jnp.float32)) for a in (x, dy))  # writable, for torch
+    call = _torch_runner(case, *f32, device='cuda')
+
+    def queue(n):
+        def run():
+            for _ in range(n):
+                call()
+            torch.cuda.synchronize()
+        return run
+    queue(3)()
+    start = time.perf_counter()
+    queue(10)()
+    n = max(1, round(target_s / ((time.perf_counter() - start) / 10)))
+    return queue(n), n
+
+
 def runners(case: Case, libraries=LIBRARIES) -> tuple[dict[str, Callable[[], Any]], dict[str, str],
                                                     dict[str, str]]:
     """``({library: runner}, {library: compiled HLO text}, {library: error})`` for ``case``.
@@ -245,15 +359,7 @@ def runners(case: Case, libraries=LIBRARIES) -> tuple[dict[str, Callable[[], Any
     x_np, dy_np = data(case)
     dtype = jnp.dtype(case.dtype)
     x, dy = jnp.asarray(x_np, dtype), jnp.asarray(dy_np, dtype)
-    features = case.shape[-1]
-    builders = {
-        'normlib': lambda: _normlib(case, features),
-        'flax': lambda: _flax(case, features, two_pass=False),
-        'flax two-pass': lambda: _flax(case, features, two_pass=True),
-        'haiku': lambda: _haiku(case, features),
-        'equinox': lambda: _equinox(case, features),
-        'jax': lambda: _plain_jax(case, features),
-    }
+    builders = _builders(case)
     out, hlo, errors = {}, {}, {}
     for library in libraries:
         if not available(library) or library == 'torch' and jax.default_backend() != 'cpu':

@@ -19,15 +19,25 @@ def _bytes(shapes: str) -> int:
                for t, dims in _ARRAY.findall(shapes))
 
 
-def entry_traffic(hlo_text: str) -> list[dict]:
-    """Bytes read and written by each instruction of the entry computation.
+def _computation(hlo_text: str, name: str | None) -> str:
+    """The text of the computation ``name``, or of the entry computation."""
+    if name is None:
+        start = hlo_text.index('\nENTRY')
+    else:
+        start = re.search(rf'\n%?{re.escape(name)} \(', hlo_text).start()
+    end = hlo_text.find('\n}', start + 1)
+    return hlo_text[start:] if end < 0 else hlo_text[start:end]
+
+
+def entry_traffic(hlo_text: str, computation: str | None = None) -> list[dict]:
+    """Bytes read and written by each instruction of the entry computation
+    (or of the computation named ``computation``).
 
     Reads count each operand once, whole (a slice reads only its output).
     Branches of conditionals are not counted: they run only when taken.
     """
-    entry = hlo_text[hlo_text.index('\nENTRY'):]
     shapes, out = {}, []
-    for line in entry.splitlines()[1:]:
+    for line in _computation(hlo_text, computation).splitlines()[1:]:
         match = _INSTRUCTION.match(line.strip())
         if not match:
             continue
@@ -59,3 +69,11 @@ def profile(hlo_text: str, array_bytes: int) -> dict:
         'read': sum(t['read'] for t in traffic) / array_bytes,
         'written': sum(t['written'] for t in traffic) / array_bytes,
     }
+
+
+def loop_body_traffic(hlo_text: str) -> list[dict]:
+    """``entry_traffic`` of the body of the entry computation's first while loop."""
+    body = re.search(r'while\(.*?body=%?([\w.\-]+)', _computation(hlo_text, None))
+    if body is None:
+        raise ValueError('the entry computation has no while loop')
+    return entry_traffic(hlo_text, body.group(1))

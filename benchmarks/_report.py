@@ -90,19 +90,192 @@ def _timing_table(results: dict) -> list[str]:
     return lines
 
 
+def floor_reads(case: dict) -> int:
+    """Arrays a case must read: x (forward); x, then x and dy (forward and backward)."""
+    return case.get('floor_reads', 1 if case['mode'] == 'fwd' else 3)
+
+
+def within_one_read(profile: dict, floor: int) -> bool:
+    """At most one array read beyond the floor (per-feature vectors aside)."""
+    return profile['read'] <= floor + 1.05
+
+
 def _profile_table(results: dict) -> list[str]:
     lines = ['| case | library | kernels over the array | of which reductions |'
-             ' arrays read | arrays written |', '|---|---|---|---|---|---|']
+             ' arrays read | floor read | within one read of floor? | arrays written |',
+             '|---|---|---|---|---|---|---|---|']
     for case in results['cases']:
+        floor = floor_reads(case)
         for lib, p in case.get('profile', {}).items():
+            within = 'yes' if within_one_read(p, floor) else f'no (+{p["read"] - floor:.1f})'
             lines.append(f'| {case["name"]} | {lib} | {p["kernels"]} | {p["reductions"]} |'
-                         f' {p["read"]:.1f} | {p["written"]:.1f} |')
+                         f' {p["read"]:.1f} | {floor} | {within} | {p["written"]:.1f} |')
     return lines
+
+
+def _pct(fraction: float | None) -> str:
+    return '-' if fraction is None else f'{fraction:.0%}'
+
+
+def gpu_rows(results: dict) -> list[dict]:
+    """Per case of a GPU run: time, TB/s and fraction of peak of each library,
+    and normlib's time over flax.linen's. Bandwidth is the must-move bytes
+    (``floor_arrays`` arrays of x's size) over the time."""
+    peak = results.get('peak_tbs')
+    rows = []
+    for case in results['cases']:
+        moved = case['floor_arrays'] * case['nbytes']
+        row = {'name': case['name'], 'op': case['op'], 'mode': case['mode'],
+               'large': case.get('large', False), 'libs': {}}
+        for lib, t in case['times'].items():
+            rate = moved / t / 1e12
+            row['libs'][lib] = {'seconds': t, 'tbs': rate,
+                                'of_peak': None if not peak else rate / peak}
+        times = case['times']
+        row['vs_flax'] = (times['normlib'] / times['flax']
+                          if 'normlib' in times and 'flax' in times else None)
+        rows.append(row)
+    return rows
+
+
+def copy_check(results: dict) -> tuple[float | None, str | None]:
+    """The copy's fraction of the peak (device loop), and a warning in bold if
+    the harness does not measure the hardware (below half the peak, above it,
+    or a loop body that does not read and write the array)."""
+    copy, peak = results['copy'], results.get('peak_tbs')
+    rate = copy.get('tbs', {}).get('device loop')
+    fraction = None if rate is None or not peak else rate / peak
+    if copy.get('body_read', 1) < 0.99 or copy.get('body_written', 1) < 0.99:
+        return fraction, ('**The copy loop does not read and write its array: the harness is'
+                          ' not measuring the hardware.**')
+    if fraction is not None and fraction < 0.5:
+        return fraction, (f'**The copy reads {fraction:.0%} of the peak, below 50%: the harness'
+                          ' is not measuring the hardware.**')
+    if fraction is not None and fraction > 1.1:
+        return fraction, (f'**The copy reads {fraction:.0%} of the peak, above it: the harness'
+                          ' is not measuring the hardware (or the peak is wrong).**')
+    return fraction, None
+
+
+def gpu_targets(results: dict) -> list[tuple[str, str, str, str]]:
+    """``(target, measured, bound, verdict)``: layer and RMS norm fwd+bwd on
+    the large arrays at 80% of the peak or more, and no slower than Flax."""
+    out = []
+    for row in gpu_rows(results):
+        if not (row['large'] and row['mode'] == 'fwd+bwd'
+                and row['op'] in ('layer_norm', 'rms_norm')):
+            continue
+        nl = row['libs'].get('normlib')
+        fraction = nl and nl['of_peak']
+        out.append((f'{row["name"]}: normlib bandwidth / peak', _pct(fraction), '>= 80%',
+                    'n/a' if fraction is None else 'met' if fraction >= 0.8 else 'missed'))
+        ratio = row['vs_flax']
+        out.append((f'{row["name"]}: normlib / flax.linen time',
+                    '-' if ratio is None else f'{ratio:.2f}', '<= 1', 'n/a' if ratio is None
+                    else 'met' if ratio <= 1 else f'missed by {ratio - 1:.0%}'))
+    return out
+
+
+def _gpu_run_section(gpu: dict) -> list[str]:
+    """The report of a ``--gpu-run``: copy check, targets and the bandwidth table."""
+    m, v = gpu['machine'], gpu['versions']
+    peak = gpu.get('peak_tbs')
+    copy = gpu['copy']
+    fraction, warning = copy_check(gpu)
+    peak_text = (f'peak memory bandwidth {peak:g} TB/s ({gpu.get("peak_name")}, data sheet)'
+                 if peak else 'peak memory bandwidth unknown for this device name (shown as -)')
+    out = [f'Device: {m["device"]} ({m["backend"]}); {peak_text}. jax {v.get("jax")},'
+           f' flax {v.get("flax")}, torch {v.get("torch", "-")}; {gpu["date"]};'
+           f' median of {gpu["rounds"]} interleaved rounds (of at most'
+           f' {gpu.get("max_rounds", gpu["rounds"])}, in a budget of {gpu["budget_s"]:g} s;'
+           f' {gpu.get("elapsed_s", 0):.0f} s used).', '',
+           'Timing: each sample is one program that runs the case `repeats` times in a'
+           ' `lax.fori_loop` (each iteration takes the previous output as its input: y for'
+           ' the forward, dx for forward and backward, so nothing is loop-invariant), timed'
+           ' as one call and divided by `repeats`, chosen so that a sample lasts about'
+           f' {gpu.get("target_sample_s", 0.025) * 1e3:g} ms at the peak: device time, not'
+           ' the dispatch or the wait. PyTorch (with CUDA only) queues `repeats` eager calls'
+           ' and synchronizes once. Bandwidth: the must-move bytes over the time, in TB/s'
+           ' (1e12 bytes/s); must-move is the floor of the CPU tables: forward reads x and'
+           ' writes y (2 arrays of x\'s size), forward and backward also reads x and dy and'
+           ' writes dx (5 arrays); statistics passes and parameters are extra. Arrays under'
+           ' the L2 cache size (50 MB on an H100, 60 MB on an H200) can beat the peak:'
+           ' iterations reuse the cache.', '']
+    rates = copy.get('tbs', {})
+    shown = ', '.join(f'{k} {r:.2f} TB/s ({_pct(None if not peak else r / peak)} of peak)'
+                      for k, r in rates.items())
+    out += [f'Copy (a jitted `x + 1` of {copy["mib"]} MiB float32, bytes read + written;'
+            f' the loop body reads {copy.get("body_read", 0):.1f} and writes'
+            f' {copy.get("body_written", 0):.1f} arrays): {shown or "not timed"}.'
+            ' "device loop" is the method of the table; "queued": calls back to back, one'
+            ' wait; "single": one call and its wait, as the earlier GPU section measured.', '']
+    out += [warning or ('Check: the peak of this device is unknown, so the copy cannot be'
+                        ' checked against it.' if fraction is None else
+                        f'Check: the copy reaches {fraction:.0%} of the peak (at least 50%'
+                        ' expected): the harness measures the memory.'), '']
+    if gpu.get('smoke'):
+        out = ['**Smoke run: tiny inputs, not measurements.**', ''] + out
+    targets = gpu_targets(gpu)
+    if targets:
+        out += ['| target | measured | bound | |', '|---|---|---|---|']
+        out += [f'| {name} | {value} | {bound} | {verdict} |'
+                for name, value, bound, verdict in targets]
+        out += ['']
+    libs = [lib for lib in ('flax two-pass', 'jax', 'torch')
+            if any(lib in c['times'] for c in gpu['cases'])]
+    head = (['case', 'normlib ms', 'normlib TB/s', 'normlib % of peak', 'flax TB/s',
+             'flax % of peak', 'normlib / flax time'] + [f'{lib} TB/s' for lib in libs])
+    out += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for row in gpu_rows(gpu):
+        nl, fx = row['libs'].get('normlib'), row['libs'].get('flax')
+        cells = [row['name'] + (' (large)' if row['large'] else ''),
+                 _ms(nl['seconds']) if nl else '-', f'{nl["tbs"]:.3g}' if nl else '-',
+                 _pct(nl and nl['of_peak']), f'{fx["tbs"]:.3g}' if fx else '-',
+                 _pct(fx and fx['of_peak']),
+                 '-' if row['vs_flax'] is None else f'{row["vs_flax"]:.2f}x']
+        cells += [f'{row["libs"][lib]["tbs"]:.3g}' if lib in row['libs'] else '-'
+                  for lib in libs]
+        out.append('| ' + ' | '.join(cells) + ' |')
+    failed = [f'{c["name"]}: {lib} failed ({err})' for c in gpu['cases']
+              for lib, err in c.get('errors', {}).items()]
+    if gpu.get('skipped'):
+        failed.append('not built (out of time): ' + ', '.join(gpu['skipped']))
+    if failed:
+        out += [''] + [f'- {line}' for line in failed]
+    return out
+
+
+def gpu_summary(results: dict) -> list[str]:
+    """What a GPU run prints at its end: the copy check and the targets."""
+    copy, peak = results['copy'], results.get('peak_tbs')
+    fraction, warning = copy_check(results)
+    rate = copy.get('tbs', {}).get('device loop')
+    lines = [f'device {results["machine"]["device"]}: peak {peak or "-"} TB/s;'
+             f' {results["rounds"]} rounds; copy {"-" if rate is None else f"{rate:.2f}"}'
+             f' TB/s ({_pct(fraction)} of peak)']
+    if warning:
+        lines.append(warning)
+    for row in gpu_rows(results):
+        nl = row['libs'].get('normlib')
+        rate = '-' if not nl else f'{nl["tbs"]:.3f}'
+        ratio = '-' if row['vs_flax'] is None else f'{row["vs_flax"]:.2f}'
+        lines.append(f'{row["name"]}: normlib {rate} TB/s ({_pct(nl and nl["of_peak"])} of'
+                     f' peak), normlib/flax {ratio}')
+    lines += [f'{name}: {value} ({bound}) {verdict}'
+              for name, value, bound, verdict in gpu_targets(results)]
+    return lines
+
+
+def gpu_markdown(results: dict) -> str:
+    """RESULTS.md of a ``--gpu-run``."""
+    return '\n'.join(['# normlib on a GPU', ''] + _gpu_run_section(results) + [''])
 
 
 def _gpu_section(gpu: dict | None) -> list[str]:
     if not gpu:
         return ['No GPU run is recorded with this run.']
+    if gpu.get('gpu_run'):
+        return _gpu_run_section(gpu)
     big = ', '.join(f'{k} {v:.0f} GB/s' for k, v in gpu['bandwidth']['gbs'].items())
     lines = [f'Device: {gpu["machine"]["device"]}; jax {gpu["versions"].get("jax")},'
              f' flax {gpu["versions"].get("flax")}; {gpu["date"]}. Same harness'
@@ -110,7 +283,9 @@ def _gpu_section(gpu: dict | None) -> list[str]:
              ' sample a queue of calls lasting at least 20 ms (Haiku is not installed there;'
              ' PyTorch is timed on CPUs only). Effective bandwidth: the must-move bytes (see'
              ' the floor above) over the time. Copy: a jitted `x + 1` of the case\'s array;'
-             f' of a {gpu["bandwidth"]["mib"]} MiB array: {big}. These arrays (12 to 51 MB)'
+             f' of a {gpu["bandwidth"]["mib"]} MiB array: {big}, timed one call and its wait'
+             ' at a time: that measures the dispatch and the synchronization, not the memory'
+             ' (`bash benchmarks/gpu.sh` times on the device). These arrays (12 to 51 MB)'
              ' are near the 50 MB L2 cache and their kernels last tens of microseconds, so'
              ' launch latency and cache reuse between the forward and backward kernels'
              ' matter: a case can beat its own copy. This run timed normlib as it was on'
@@ -224,7 +399,8 @@ def markdown(results: dict, gpu: dict | None = None, notes: str = '',
             'From XLA\'s optimized HLO of each fwd+bwd case: kernels (fusions and other'
             ' instructions) that read or write at least half an array, how many of them'
             ' are reductions, and the bytes all kernels read and write, in arrays of the'
-            ' input\'s size. The floor is 3 arrays read and 2 written.', '']
+            ' input\'s size. The floor is 3 arrays read (x, then x and dy) and 2 written (y, dx);'
+            ' "within one read of floor?": at most one array read beyond it.', '']
     out += _profile_table(results)
     memory = results.get('memory')
     if memory:

@@ -32,6 +32,7 @@ def test_smoke_run_writes_results(tmp_path):
                     '## Stability', '## GPU'):
         assert heading in report
     assert 'Smoke run' in report and 'not measurements' in report
+    assert 'within one read of floor?' in report
     assert (tmp_path / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
@@ -49,3 +50,127 @@ def test_smoke_run_leaves_the_recorded_results_alone(tmp_path):
     assert (tmp_path / 'out' / 'benchmarks-smoke' / 'RESULTS.md').exists()
     for path, content in recorded.items():
         assert path.read_bytes() == content, path
+
+
+def _fake_gpu_run(device, copy_tbs, normlib_s, flax_s):
+    """A GPU run's results with one large layer_norm fwd+bwd case (8192x4096 float32)."""
+    from benchmarks import _gpu
+    peak, name = _gpu.peak(device)
+    case = {'name': 'layer_norm fwd+bwd 8192x4096 float32', 'op': 'layer_norm',
+            'shape': [8192, 4096], 'dtype': 'float32', 'mode': 'fwd+bwd',
+            'nbytes': 8192 * 4096 * 4, 'floor_arrays': 5, 'large': True,
+            'repeats': {'normlib': 100, 'flax': 100},
+            'times': {'normlib': normlib_s, 'flax': flax_s}, 'errors': {}}
+    return {'gpu_run': True, 'date': '2026-01-01 00:00', 'smoke': False,
+            'machine': {'device': device, 'backend': 'gpu'}, 'versions': {'jax': '0'},
+            'peak_tbs': peak, 'peak_name': name, 'budget_s': 270, 'rounds': 5,
+            'copy': {'mib': 256, 'repeats': 100, 'body_read': 1.0, 'body_written': 1.0,
+                     'tbs': {'device loop': copy_tbs}},
+            'cases': [case], 'skipped': []}
+
+
+@pytest.mark.parametrize('device, peak', [
+    ('NVIDIA H100 80GB HBM3', 3.35), ('NVIDIA H100 PCIe', 2.0), ('NVIDIA H100 NVL', 3.9),
+    ('NVIDIA H200', 4.8), ('NVIDIA GH200 480GB', 4.0), ('NVIDIA A100-SXM4-40GB', 1.555),
+    ('NVIDIA A100-SXM4-80GB', 2.039), ('NVIDIA L4', 0.3), ('NVIDIA L40S', 0.864),
+    ('Tesla T4', 0.32), ('cpu', None), ('TFRT_CPU_0', None)])
+def test_peak_bandwidth_by_device_name(device, peak):
+    from benchmarks import _gpu
+    assert _gpu.peak(device)[0] == peak
+
+
+def test_gpu_bandwidth_arithmetic():
+    from benchmarks import _report
+    # 5 arrays of 128 MiB in 0.25 ms: 2.684 TB/s, 80.1% of an H100 SXM's 3.35 TB/s.
+    results = _fake_gpu_run('NVIDIA H100 80GB HBM3', 3.0, 0.25e-3, 0.3e-3)
+    (row,) = _report.gpu_rows(results)
+    assert row['libs']['normlib']['tbs'] == pytest.approx(2.68435456)
+    assert row['libs']['normlib']['of_peak'] == pytest.approx(2.68435456 / 3.35)
+    assert row['libs']['flax']['tbs'] == pytest.approx(2.68435456 / 1.2)
+    assert row['vs_flax'] == pytest.approx(0.25 / 0.3)
+    verdicts = [verdict for *_, verdict in _report.gpu_targets(results)]
+    assert verdicts == ['met', 'met']
+    assert _report.copy_check(results) == (pytest.approx(3.0 / 3.35), None)
+    report = _report.gpu_markdown(results)
+    assert '| layer_norm fwd+bwd 8192x4096 float32 (large) | 0.25 | 2.68 | 80% | 2.24 | 67% |' \
+           ' 0.83x |' in report
+    assert 'peak memory bandwidth 3.35 TB/s (H100 SXM' in report
+    assert 'not measuring the hardware' not in report
+    # Slower than Flax and under 80% of the peak; a copy at a quarter of the peak.
+    slow = _fake_gpu_run('NVIDIA H100 80GB HBM3', 0.785, 0.4e-3, 0.3e-3)
+    assert [verdict for *_, verdict in _report.gpu_targets(slow)] == ['missed', 'missed by 33%']
+    fraction, warning = _report.copy_check(slow)
+    assert fraction == pytest.approx(0.785 / 3.35)
+    assert warning.startswith('**') and 'the harness is not measuring the hardware' in warning
+    assert warning in _report.gpu_markdown(slow)
+    # An unknown device: no peak, shown as '-'.
+    unknown = _fake_gpu_run('Some Accelerator', 3.0, 0.25e-3, 0.3e-3)
+    (row,) = _report.gpu_rows(unknown)
+    assert row['libs']['normlib']['of_peak'] is None
+    assert '| 0.25 | 2.68 | - | 2.24 | - | 0.83x |' in _report.gpu_markdown(unknown)
+    assert [verdict for *_, verdict in _report.gpu_targets(unknown)] == ['n/a', 'met']
+
+
+def test_profile_floor_of_reads():
+    from benchmarks import _report
+    assert _report.floor_reads({'mode': 'fwd+bwd'}) == 3
+    assert _report.floor_reads({'mode': 'fwd'}) == 1
+    assert _report.within_one_read({'read': 4.0}, 3)
+    assert not _report.within_one_read({'read': 4.2}, 3)
+
+
+def test_loop_runner_repeats_the_case():
+    """The device loop feeds each output to the next call: two forward calls of
+    layer_norm in the loop are layer_norm applied twice."""
+    import jax
+    import numpy as np
+
+    import normlib
+    from benchmarks import _cases
+    case = _cases.Case('layer_norm', (8, 16), mode='fwd')
+    (run, calls), = _cases.loop_runners(case, 2, ('normlib',))[0].values()
+    x, _ = _cases.device_data(case)
+    y, _ = run()
+    twice = normlib.layer_norm(normlib.layer_norm(x, epsilon=1e-5), epsilon=1e-5)
+    assert calls == 2
+    np.testing.assert_allclose(np.asarray(jax.block_until_ready(y)), twice, atol=1e-5)
+
+
+def test_gpu_script_is_executable_bash():
+    script = ROOT / 'benchmarks' / 'gpu.sh'
+    assert script.exists() and os.access(script, os.X_OK)
+    check = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert '--gpu-run' in script.read_text()
+
+
+@pytest.mark.long
+def test_gpu_smoke_run_writes_the_bandwidth_table(tmp_path):
+    env = {**os.environ,
+           'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    env['XLA_FLAGS'] = ''
+    run = subprocess.run([sys.executable, '-m', 'benchmarks', '--gpu-run', '--smoke', '--out',
+                          str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['gpu_run'] and results['smoke'] and results['rounds'] == 2
+    assert results['peak_tbs'] is None  # the CPU has no entry in the table
+    copy = results['copy']
+    assert set(copy['tbs']) == {'device loop', 'queued', 'single'}
+    assert copy['body_read'] >= 0.99 and copy['body_written'] >= 0.99  # not a no-op
+    modes = {(c['op'], c['mode']) for c in results['cases']}
+    assert {('layer_norm', 'fwd'), ('layer_norm', 'fwd+bwd'), ('rms_norm', 'fwd+bwd'),
+            ('batch_norm', 'fwd+bwd')} <= modes
+    for case in results['cases']:
+        assert case['times']['normlib'] > 0 and case['times']['flax'] > 0
+    report = (tmp_path / 'RESULTS.md').read_text()
+    for text in ('Smoke run', 'normlib TB/s', 'normlib % of peak', 'flax TB/s',
+                 'normlib / flax time', 'Copy (a jitted', 'peak memory bandwidth unknown',
+                 '| target |'):
+        assert text in report, text
+    assert 'bandwidth / peak' in run.stdout
+    from benchmarks import __main__ as cli  # its report again, from the JSON alone
+    (tmp_path / 'RESULTS.md').unlink()
+    assert cli.main(['--report', str(tmp_path / 'results.json'), '--out', str(tmp_path)]) == 0
+    assert (tmp_path / 'RESULTS.md').read_text() == report
