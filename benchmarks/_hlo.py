@@ -71,9 +71,25 @@ def profile(hlo_text: str, array_bytes: int) -> dict:
     }
 
 
+def _first_while_body(hlo_text: str, computation: str | None, depth: int = 0) -> str | None:
+    """The body of the first while loop in ``computation`` or in the computations
+    it calls (XLA:CPU may wrap a loop in a ``call``)."""
+    text = _computation(hlo_text, computation)
+    body = re.search(r'while\(.*?body=%?([\w.\-]+)', text)
+    if body is not None:
+        return body.group(1)
+    if depth < 4:
+        for callee in re.findall(r'call\(.*?to_apply=%?([\w.\-]+)', text):
+            found = _first_while_body(hlo_text, callee, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 def loop_body_traffic(hlo_text: str) -> list[dict]:
-    """``entry_traffic`` of the body of the entry computation's first while loop."""
-    body = re.search(r'while\(.*?body=%?([\w.\-]+)', _computation(hlo_text, None))
+    """``entry_traffic`` of the body of the entry computation's first while loop
+    (looked for in the entry and in the computations it calls)."""
+    body = _first_while_body(hlo_text, None)
     if body is None:
         raise ValueError('the entry computation has no while loop')
-    return entry_traffic(hlo_text, body.group(1))
+    return entry_traffic(hlo_text, body)

@@ -119,6 +119,41 @@ def test_profile_floor_of_reads():
     assert not _report.within_one_read({'read': 4.2}, 3)
 
 
+_WRAPPED_LOOP = """
+%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %p = (s32[], f32[1024]{0}) parameter(0)
+  %x = f32[1024]{0} get-tuple-element(%p), index=1
+  %add_fusion = f32[1024]{0} fusion(%x), kind=kLoop, calls=%fused
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %add_fusion)
+}
+
+%loop_computation (t0: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %t0 = (s32[], f32[1024]{0}) parameter(0)
+  ROOT %while.0 = (s32[], f32[1024]{0}) while(%t0), condition=%cond, body=%body
+}
+
+ENTRY %main (a: f32[1024]) -> f32[1024] {
+  %a = f32[1024]{0} parameter(0)
+  %c = s32[] constant(0)
+  %tuple = (s32[], f32[1024]{0}) tuple(%c, %a)
+  %call = (s32[], f32[1024]{0}) call(%tuple), to_apply=%loop_computation
+  ROOT %r = f32[1024]{0} get-tuple-element(%call), index=1
+}
+"""
+
+
+def test_loop_body_found_inside_a_call():
+    """Newer XLA:CPU wraps a while loop in a ``call``: the copy check finds its
+    body there and counts the body's one read and one write of the array."""
+    from benchmarks import _hlo
+    body = _hlo.loop_body_traffic(_WRAPPED_LOOP)
+    assert sum(t['read'] for t in body) == 4096
+    assert sum(t['written'] for t in body) == 4096
+    with pytest.raises(ValueError, match='no while loop'):
+        _hlo.loop_body_traffic(_WRAPPED_LOOP.replace('while(', 'tuple('))
+
+
 def test_loop_runner_repeats_the_case():
     """The device loop feeds each output to the next call: two forward calls of
     layer_norm in the loop are layer_norm applied twice."""
