@@ -112,7 +112,7 @@ def _sum(x, axes):
 _SAMPLE = 256
 
 
-def _anchor(xf, axes, mask, keep, count):
+def _anchor(xf, axes, mask, keep, count, own=None):
     """A float32 value next to the mean of the valid entries, kept dims.
 
     Dense data reduced over leading axes (batch statistics, where each
@@ -122,7 +122,8 @@ def _anchor(xf, axes, mask, keep, count):
     data, rows of per-example statistics): the first valid entry (else 0)
     moved by the mean deviation from it, one pass, which XLA fuses with the
     others over a row, so the anchor is near the valid entries however few
-    they are.
+    they are. ``own`` is the copy of ``xf`` that the pass reads (by default
+    ``xf``; on CPU a private one, so that ``xf`` is not written to memory).
     """
     if any(xf.shape[a] == 0 for a in axes):  # nothing to anchor: any value will do
         return jnp.zeros(tuple(1 if i in axes else d for i, d in enumerate(xf.shape)), xf.dtype)
@@ -136,7 +137,7 @@ def _anchor(xf, axes, mask, keep, count):
     # compute it again, and a product there can be contracted into a fused
     # multiply-add that rounds it differently; a quotient rounds the same way
     # everywhere, so every pass takes its sums around the same anchor.
-    return anchor + _sum(keep(xf - anchor), axes) / jnp.maximum(count, 1)
+    return anchor + _sum(keep((xf if own is None else own) - anchor), axes) / jnp.maximum(count, 1)
 
 
 def _sample_mean(xf, axes):
@@ -282,7 +283,8 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
         var = _sum(keep(_abs2(xf) * share), axes)
         zero = jnp.zeros_like(var)
         return Moments(count + zero, zero, zero, var)
-    anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, count))
+    own = widen(*_schedule.private((x, scale), _schedule.Pass.ANCHOR))
+    anchor = jax.lax.stop_gradient(_anchor(xf, axes, mask, keep, count, own))
     # Each pass converts its own copy of x: a shared float32 copy would be
     # written to memory and read back.
     x1, anchor1, scale1 = _schedule.private((x, anchor, scale), _schedule.Pass.DELTA)
@@ -799,6 +801,12 @@ def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask, scale, bias):
     return jnp.stack(sums)
 
 
+def _dims_over(v, ndim, axes) -> tuple:
+    """The sizes of ``v`` (broadcasting against an array of ``ndim`` dims) along ``axes``."""
+    shape = (1,) * (ndim - jnp.ndim(v)) + tuple(jnp.shape(v))
+    return tuple(shape[a] for a in axes)
+
+
 def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscale, dbias):
     r"""The tangents of ``(y, moments)``, linear in ``(dx, dscale, dbias)``.
 
@@ -826,12 +834,37 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
     m = stats.batch
     local = _varying_like(means, x)  # what meets x: per shard, cast once
     inv = stats.inv * stats.s  # per unit of x
-    factor = inv if scale is None else inv * scale
-    slope = -factor * local[0].real if dscale is None else dscale - factor * local[0].real
-    dy = factor * dx.astype(compute_dtype(x.dtype)) + xhat * slope
-    if spec.center or dbias is not None:
-        offset = 0 if dbias is None else dbias
-        dy = dy + (offset - factor * local[1] if spec.center else offset)
+    dxf = dx.astype(compute_dtype(x.dtype))
+    if scale is None or all(d == 1 for d in _dims_over(scale, x.ndim, spec.axes)):
+        # scale is constant over the reduced axes (batch norm): it multiplies
+        # the per-statistic factors, so dscale and the mean of x_hat * dx,
+        # transposed, are one sum.
+        factor = inv if scale is None else inv * scale
+        slope = -factor * local[0].real if dscale is None else dscale - factor * local[0].real
+        dy = factor * dxf + xhat * slope
+        if spec.center or dbias is not None:
+            offset = 0 if dbias is None else dbias
+            dy = dy + (offset - factor * local[1] if spec.center else offset)
+    else:
+        # scale varies over the reduced axes (layer norm): written so that,
+        # transposed, no array of x's size feeds two sums (XLA:CPU would write
+        # it to memory and read it back). The per-statistic factors multiply
+        # before anything meets scale, so no outer product of inv and scale
+        # is formed; terms are added with negated factors, not subtracted (a
+        # negated cotangent would be shared); each term takes its own copy of
+        # scale, and the dscale term its own x_hat.
+        def scaled(v, tag):
+            return v * _schedule.private(scale, tag)
+        dy = inv * scaled(dxf, _schedule.Pass.TANGENT)
+        if spec.center:
+            dy = dy + scaled(-(inv * local[1]), _schedule.Pass.TANGENT_SUMS)
+        dy = dy + scaled(xhat, _schedule.Pass.TANGENT_SCALE) * -(inv * local[0].real)
+        if dscale is not None:
+            own = _recovered(spec, x, stats, _schedule.Pass.TANGENT_SCALE, scale=scale,
+                             bias=bias)
+            dy = dy + finite_padding(own, mask) * dscale
+        if dbias is not None:
+            dy = dy + dbias
     zero = jnp.zeros_like(m.count)
     dmean = means[1] if spec.center else jnp.zeros_like(m.delta)
     dm = Moments(zero, jnp.zeros_like(m.shift), dmean,

@@ -24,6 +24,8 @@ class Pass(enum.IntEnum):
     OUTPUT = 3  # y
     TANGENT_SUMS = 4  # the sums of the tangent (and, transposed, the cotangent)
     TANGENT = 5  # dy
+    TANGENT_SCALE = 6  # the x_hat * dscale term of dy (transposed: the sum for dscale)
+    ANCHOR = 7  # the mean deviation from a row's first entry
 
 
 def private(values, tag: Pass):
