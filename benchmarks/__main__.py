@@ -181,7 +181,9 @@ def main(argv=None) -> int:
     notes = NOTES.read_text() if NOTES.exists() and not results['smoke'] else ''
     scale_json = args.out / 'scale.json'  # from python -m benchmarks.scale
     scale = json.loads(scale_json.read_text()) if scale_json.exists() else None
-    (args.out / 'RESULTS.md').write_text(_report.markdown(results, gpu, notes, scale))
+    efficient_md = args.out / 'memory_efficient.md'  # from python -m benchmarks.memory_efficient
+    efficient = efficient_md.read_text() if efficient_md.exists() else ''
+    (args.out / 'RESULTS.md').write_text(_report.markdown(results, gpu, notes, scale, efficient))
     _report.chart(results, str(args.out / 'results.png'))
     for name, value, bound, met in _report.targets(results):
         shown = '-' if value is None else f'{value:.3g}'

@@ -361,7 +361,7 @@ def _scale_section(scale: dict | None) -> list[str]:
 
 
 def markdown(results: dict, gpu: dict | None = None, notes: str = '',
-             scale: dict | None = None) -> str:
+             scale: dict | None = None, memory_efficient: str = '') -> str:
     m, v = results['machine'], results['versions']
     out = ['# normlib benchmarks', '']
     if results.get('smoke'):
@@ -416,6 +416,8 @@ def markdown(results: dict, gpu: dict | None = None, notes: str = '',
             t = memory['times'][norm]
             out.append(f'| {norm} | {temp / MIB:.1f} | {temp / memory["temp"]["flax"]:.2f}x |'
                        f' {_ms(t)} | {t / memory["times"]["flax"]:.2f}x |')
+    if memory_efficient:  # memory_efficient.md, its title one level down
+        out += ['', '#' + memory_efficient.strip()]
     stability = results.get('stability')
     if stability:
         ratios = sorted({r for errors in stability.values() for r in errors}, key=float)

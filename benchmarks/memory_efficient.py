@@ -74,7 +74,9 @@ def _saved_full_arrays(memory_efficient, shape):
     with contextlib.redirect_stdout(buffer):
         print_saved_residuals(f, x)
     full = 'f32[' + ','.join(map(str, shape)) + ']'
-    return [line for line in buffer.getvalue().splitlines() if line.startswith(full)]
+    root = str(pathlib.Path(__file__).resolve().parents[1]) + '/'
+    return [line.replace(root, '') for line in buffer.getvalue().splitlines()
+            if line.startswith(full)]
 
 
 def run(smoke: bool, rounds: int) -> dict:

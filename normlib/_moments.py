@@ -755,6 +755,8 @@ def _standardize_jvp(spec, primals, tangents):
     dx, dscale, dbias, _, _ = tangents
     stats = _statistics(spec, x, mask, fallback)
     y = _output(spec, x, scale, bias, stats)
+    if spec.from_output:  # the reverse pass reads y, not a copy of its producer
+        y = _schedule.kept(y)
     # Checkpointed, the tangent maps keep only their inputs (x and
     # per-feature vectors) for the reverse pass, which recomputes x_hat. The
     # collective stays outside: checkpoints lose vmap's named axes.

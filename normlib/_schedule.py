@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 
 import jax
+import jax.numpy as jnp
 
 
 class Pass(enum.IntEnum):
@@ -42,3 +43,24 @@ def private(values, tag: Pass):
     for _ in range(tag):
         values = jax.lax.optimization_barrier(values)
     return values
+
+
+def kept(value):
+    """``value``, on CPU divided by an elementwise 1; unchanged elsewhere.
+
+    XLA:CPU fuses a cheap elementwise producer into each of its consumers,
+    duplicating it, and drops optimization barriers before fusion: the
+    reverse pass of ``memory_efficient`` would compute ``y`` again from
+    ``x`` inside its own kernels and keep ``x`` alive instead of ``y``. A
+    division is an expensive operation, which XLA does not duplicate, so
+    consumers read ``value`` itself. Dividing by exactly 1 changes no value
+    (NaN, infinities and signed zeros included). The 1 is ``1 + 0 * c`` for
+    the 0/1 array ``c = isnan(value)``: finite, so exactly 1, not a constant
+    XLA can fold, and no broadcast, whose division XLA would turn into a
+    product with the reciprocal.
+    """
+    if jax.default_backend() != 'cpu':
+        return value
+    real = jnp.real(value).dtype
+    one = 1 + 0 * jnp.isnan(value).astype(real)
+    return value / one

@@ -52,6 +52,15 @@ def test_smoke_run_leaves_the_recorded_results_alone(tmp_path):
         assert path.read_bytes() == content, path
 
 
+def test_report_takes_the_memory_efficient_section():
+    from benchmarks import _report
+    results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    section = (ROOT / 'benchmarks' / 'memory_efficient.md').read_text()
+    report = _report.markdown(results, memory_efficient=section)
+    assert '\n## memory_efficient=True in a training step' in report
+    assert 'temp bytes' in report and 'temp bytes' not in _report.markdown(results)
+
+
 def _fake_gpu_run(device, copy_tbs, normlib_s, flax_s):
     """A GPU run's results with one large layer_norm fwd+bwd case (8192x4096 float32)."""
     from benchmarks import _gpu
