@@ -58,7 +58,11 @@ def _machine() -> dict:
     device = jax.devices()[0]
     return {'cpu': cpu, 'cores': os.cpu_count(), 'memory_gib': memory,
             'platform': f'{platform.system()} {platform.release()}',
-            'device': getattr(device, 'device_kind', str(device)), 'backend': jax.default_backend()}
+            'device': getattr(device, 'device_kind', str(device)), 'backend': jax.default_backend(),
+            # glibc's malloc settings: by default a freed buffer of tens of MiB
+            # goes back to the system, and the next call's output is fresh
+            # pages the kernel zeroes on first touch (see NOTES.md).
+            'malloc': os.environ.get('GLIBC_TUNABLES', 'default')}
 
 
 def _versions() -> dict:

@@ -33,7 +33,7 @@ def entry_traffic(hlo_text: str, computation: str | None = None) -> list[dict]:
     """Bytes read and written by each instruction of the entry computation
     (or of the computation named ``computation``).
 
-    Reads count each operand once, whole (a slice reads only its output).
+    Reads count each operand once, whole (a slice or a gather reads only what it writes).
     Branches of conditionals are not counted: they run only when taken.
     """
     shapes, out = {}, []
@@ -47,7 +47,9 @@ def entry_traffic(hlo_text: str, computation: str | None = None) -> list[dict]:
             continue
         operands = re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
         written = _bytes(shape)
-        read = written if 'slice' in name else sum(_bytes(shapes.get(o, '')) for o in operands)
+        # A slice or a gather reads what it writes (and its indices), not its whole operand.
+        picks = 'slice' in name or 'gather' in name or opcode == 'gather'
+        read = written if picks else sum(_bytes(shapes.get(o, '')) for o in operands)
         kind = re.search(r'"kind":"(\w+)"', rest) or re.search(r'kind=(\w+)', rest)
         out.append({'name': name, 'opcode': opcode, 'kind': kind.group(1) if kind else opcode,
                     'read': read, 'written': written})

@@ -218,3 +218,16 @@ def test_gpu_smoke_run_writes_the_bandwidth_table(tmp_path):
     (tmp_path / 'RESULTS.md').unlink()
     assert cli.main(['--report', str(tmp_path / 'results.json'), '--out', str(tmp_path)]) == 0
     assert (tmp_path / 'RESULTS.md').read_text() == report
+
+
+def test_compare_reads_each_run_as_its_own_ratios():
+    from benchmarks import compare
+
+    def run(normlib, flax, torch):
+        return {'cases': [{'name': 'layer_norm fwd+bwd 8x8 float32',
+                           'times': {'normlib': normlib, 'flax': flax, 'torch': torch}}]}
+    before = [run(2.0, 2.0, 1.0), run(4.0, 5.0, 2.0), run(3.0, 3.0, 1.0)]
+    after = [run(1.0, 2.0, 1.0), run(3.0, 5.0, 2.0), run(1.5, 3.0, 1.0)]
+    row = compare.table(before, after)[2]
+    assert row == ('| layer_norm fwd+bwd 8x8 float32 | 0.50 (0.50-0.60) | 1.00 (0.80-1.00) |'
+                   ' 1.50 (1.00-1.50) | 2.00 (2.00-3.00) | 0.50 (0.50-0.75) |')
