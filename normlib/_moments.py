@@ -112,7 +112,7 @@ def _sum(x, axes):
 _SAMPLE = 256
 
 
-def _anchor(xf, axes, mask, keep, count, own=None):
+def _anchor(xf, axes, mask, keep, count, own):
     """A float32 value next to the mean of the valid entries, kept dims.
 
     Dense data reduced over leading axes (batch statistics, where each
@@ -122,8 +122,8 @@ def _anchor(xf, axes, mask, keep, count, own=None):
     data, rows of per-example statistics): the first valid entry (else 0)
     moved by the mean deviation from it, one pass, which XLA fuses with the
     others over a row, so the anchor is near the valid entries however few
-    they are. ``own`` is the copy of ``xf`` that the pass reads (by default
-    ``xf``; on CPU a private one, so that ``xf`` is not written to memory).
+    they are. ``own`` is the copy of ``xf`` that the pass reads (on CPU a
+    private one, so that ``xf`` is not written to memory).
     """
     if any(xf.shape[a] == 0 for a in axes):  # nothing to anchor: any value will do
         return jnp.zeros(tuple(1 if i in axes else d for i, d in enumerate(xf.shape)), xf.dtype)
@@ -137,7 +137,7 @@ def _anchor(xf, axes, mask, keep, count, own=None):
     # compute it again, and a product there can be contracted into a fused
     # multiply-add that rounds it differently; a quotient rounds the same way
     # everywhere, so every pass takes its sums around the same anchor.
-    return anchor + _sum(keep((xf if own is None else own) - anchor), axes) / jnp.maximum(count, 1)
+    return anchor + _sum(keep(own - anchor), axes) / jnp.maximum(count, 1)
 
 
 def _sample_mean(xf, axes):
