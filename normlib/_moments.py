@@ -255,7 +255,7 @@ def _count(mask, axes, dtype=jnp.float32):
     return jnp.sum(partial.astype(dtype), axis=tuple(axes[:1]), keepdims=True)
 
 
-def _part_moments(x, axes, mask, center, scale=None) -> Moments:
+def _part_moments(x, axes, mask, center, scale=None, checked=False) -> Moments:
     """The :class:`Moments` of one part over ``axes`` (kept dims), of ``x * scale``.
 
     Centered, the corrected two-pass algorithm around an anchor, a float32
@@ -265,6 +265,14 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     spread, so nothing cancels: the moments are as accurate as the plain
     float32 two-pass ``mean(x)``, ``mean((x - mean(x))**2)`` wherever the
     data sit, and far more accurate at large offsets.
+
+    Squares are divided by the count before they are summed, so that a sum
+    of squares near the float32 limit cannot overflow a representable mean;
+    ``checked`` divides the sum instead, one product per entry fewer: for
+    the passes of :func:`_guarded_moments`, whose first pass is taken again
+    at a power-of-two scale when a sum overflowed and whose scaled pass sums
+    squares below ``2**(2 * _HEADROOM + 2)``. The two passes then round the
+    same way, and give the same moments up to the scale's power of two.
     """
     dtype, real = compute_dtype(x.dtype), real_dtype(x.dtype)
     widen = lambda v, s: v.astype(dtype) if scale is None else v.astype(dtype) * s
@@ -276,11 +284,12 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     else:
         count = _count(mask, axes, real)
         keep = lambda v: jnp.where(mask, v, 0)
-    # Squares are divided by the count before they are summed, so a sum of n
-    # squares near the float32 limit cannot overflow a representable mean.
     share = 1 / jnp.maximum(count, 1)
+
+    def mean_square(v):
+        return _sum(keep(v), axes) * share if checked else _sum(keep(v * share), axes)
     if not center:
-        var = _sum(keep(_abs2(xf) * share), axes)
+        var = mean_square(_abs2(xf))
         zero = jnp.zeros_like(var)
         return Moments(count + zero, zero, zero, var)
     own = widen(*_schedule.private((x, scale), _schedule.Pass.ANCHOR))
@@ -293,7 +302,7 @@ def _part_moments(x, axes, mask, center, scale=None) -> Moments:
     # normalizes to exactly 0; a product with the rounded 1 / n would not.
     delta = exact_quotient(_sum(keep(widen(x1, scale1) - anchor1), axes), jnp.maximum(count, 1))
     x2, anchor2, scale2 = _schedule.private((x, anchor, scale), _schedule.Pass.VARIANCE)
-    var = _sum(keep(_abs2(widen(x2, scale2) - anchor2) * share), axes)
+    var = mean_square(_abs2(widen(x2, scale2) - anchor2))
     var = jnp.maximum(var - _abs2(delta), 0)
     # count + 0 rather than a broadcast: it takes var's sharding on a mesh.
     return Moments(count + jnp.zeros_like(var), anchor, delta, var)
@@ -476,16 +485,17 @@ def by_kept_axes(m: Moments, shape, kept) -> Moments:
 
 
 def moments(x, axes, *, mask=None, center=True, sync: Sync | None = None,
-            scale=None) -> Moments:
+            scale=None, checked=False) -> Moments:
     """The :class:`Moments` of ``x`` over ``axes`` (kept dims) and the ``sync`` axes.
 
     Entries where ``mask`` is False are left out. The shards of the ``sync``
     axes are merged by :func:`_merge_shards` (two collectives of fixed size,
     one for uncentered moments), so the result is the moments of the
     concatenated valid entries, in float32 or wider. With ``scale`` (kept
-    dims, no ``sync``), the moments of ``x * scale``.
+    dims, no ``sync``), the moments of ``x * scale``. ``checked``: see
+    :func:`_part_moments`.
     """
-    local = _part_moments(x, axes, mask, center, scale)
+    local = _part_moments(x, axes, mask, center, scale, checked)
     if sync is None:
         return local
     assert scale is None, 'scaled moments are per shard'
@@ -537,11 +547,13 @@ def standardize_with(x, m: Moments, *, epsilon):
 
 
 def _standard(x, m: Moments, inv, scale, center):
-    """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``."""
+    """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``
+    (``inv`` None: not multiplied)."""
     x = x.astype(compute_dtype(x.dtype))
     if scale is not None:
         x = x * scale
-    return ((x - m.shift) - m.delta) * inv if center else x * inv
+    c = (x - m.shift) - m.delta if center else x
+    return c if inv is None else c * inv
 
 
 class _Spec(NamedTuple):
@@ -583,9 +595,10 @@ def standardize(x, scale=None, bias=None, *, axes, epsilon, center=True, mask=No
 
 
 # Rows are scaled by a power of two so that their largest magnitude stays
-# below 2**_HEADROOM: squares of float32 data up to its largest value cannot
-# overflow, and ordinary data (below 2**_HEADROOM, about 1e18) keep scale 1.
-_HEADROOM = 60
+# below 2**_HEADROOM: deviations are then below 2**(_HEADROOM + 1), and a sum
+# of up to 2**31 of their squares below 2**127, so float32 data up to its
+# largest value cannot overflow; ordinary data keep scale 1.
+_HEADROOM = 47
 
 
 def _largest_magnitude(x, axes, mask):
@@ -618,7 +631,7 @@ def _scaled_moments(x, axes, mask, center, sync):
     float32's largest values. Across devices it costs one collective more
     than :func:`moments` (the largest magnitude)."""
     s = _scale_below(group_max(_largest_magnitude(x, axes, mask), sync))
-    local = _part_moments(x, axes, mask, center, s)
+    local = _part_moments(x, axes, mask, center, s, checked=True)
     if sync is None:
         return local, s
     entries = math.prod(x.shape[a] for a in axes)
@@ -640,7 +653,7 @@ def _guarded_moments(x, axes, mask, center, sync):
     features, and after the merge the same on every shard), so every shard
     takes the same branch.
     """
-    plain = moments(x, axes, mask=mask, center=center, sync=sync)
+    plain = moments(x, axes, mask=mask, center=center, sync=sync, checked=True)
     checked = jax.lax.stop_gradient((plain.shift, plain.delta, plain.var))
     # Inside the branch, vmap's refusal of grouped collectives would surface
     # only after tracing, where it cannot be caught: groups travel as slots.
@@ -724,6 +737,18 @@ def _x_hat(spec, x, stats: _Statistics, step: _schedule.Pass):
     return _standard(x, used, inv, s, spec.center)
 
 
+def _x_hat_factors(spec, source, stats: _Statistics, step: _schedule.Pass, *, scale, bias):
+    """``(c, k)`` with ``x_hat = c * k`` and ``k`` per feature (kept dims), or
+    None for 1: a sum of ``x_hat * v`` over the reduced axes is then
+    ``k * sum(c * v)``, one product per entry fewer. ``c`` is ``x`` centered
+    (``(x * s - shift) - delta``) or, with ``spec.from_output``, ``x_hat``
+    recovered from ``y``."""
+    if spec.from_output:
+        return _recovered(spec, source, stats, step, scale=scale, bias=bias), None
+    x, used, s = _schedule.private((source, stats.used, stats.s), step)
+    return _standard(x, used, None, s, spec.center), stats.inv
+
+
 def _recovered(spec, source, stats: _Statistics, step: _schedule.Pass, *, scale, bias):
     """``x_hat`` in the compute dtype, in pass ``step``: from ``x`` (``source``),
     or with ``spec.from_output`` from the output ``y = x_hat * scale + bias``
@@ -794,10 +819,11 @@ def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask, scale, bias):
     """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries
     (``x`` is the output ``y`` with ``spec.from_output``: see :func:`_recovered`)."""
     dxf = dx.astype(compute_dtype(x.dtype))
-    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
+    c, k = _x_hat_factors(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
     if mask is not None:
-        xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
-    sums = [_sum(_real_product(xhat, dxf), spec.axes)]
+        c, dxf = jnp.where(mask, c, 0), jnp.where(mask, dxf, 0)
+    product = _sum(_real_product(c, dxf), spec.axes)
+    sums = [product if k is None else k * product]
     if spec.center:
         sums.append(_sum(dxf, spec.axes))
     return jnp.stack(sums)
@@ -831,8 +857,8 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
     """
     # Masked padding may hold NaN or inf: with no cotangent there, it must
     # not reach the sums of the reverse pass.
-    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT, scale=scale, bias=bias)
-    xhat = finite_padding(xhat, mask)
+    c, k = _x_hat_factors(spec, x, stats, _schedule.Pass.TANGENT, scale=scale, bias=bias)
+    c = finite_padding(c, mask)
     m = stats.batch
     local = _varying_like(means, x)  # what meets x: per shard, cast once
     inv = stats.inv * stats.s  # per unit of x
@@ -843,7 +869,8 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
         # transposed, are one sum.
         factor = inv if scale is None else inv * scale
         slope = -factor * local[0].real if dscale is None else dscale - factor * local[0].real
-        dy = factor * dxf + xhat * slope
+        # x_hat = c * k: transposed, sum(g * x_hat) is k * sum(g * c).
+        dy = factor * dxf + c * (slope if k is None else k * slope)
         if spec.center or dbias is not None:
             offset = 0 if dbias is None else dbias
             dy = dy + (offset - factor * local[1] if spec.center else offset)
@@ -855,6 +882,8 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
         # is formed; terms are added with negated factors, not subtracted (a
         # negated cotangent would be shared); each term takes its own copy of
         # scale, and the dscale term its own x_hat.
+        xhat = c if k is None else c * k
+
         def scaled(v, tag):
             return v * _schedule.private(scale, tag)
         dy = inv * scaled(dxf, _schedule.Pass.TANGENT)

@@ -190,7 +190,11 @@ def test_lr_robustness_default_run_reproduces_the_finding(tmp_path):
         for name in ('bn', 'plain'):
             check_curves(saved['runs'][key][name], steps=2000, eval_every=50)
         bn = metrics['runs'][key]['bn']
-        assert bn['test_accuracy'] > 0.98, key
+        # At 30x the held-out accuracy moves by a few of its 400 examples
+        # with the seed and with last-ulp changes to the statistics (seeds 0
+        # to 2: 97.8% to 98.5%; 96.8% to 99.3% before the variance was summed
+        # first): the finding is that it trains, far from the plain net.
+        assert bn['test_accuracy'] > (0.96 if key == 'x30' else 0.98), key
         assert lr_robustness.steps_to(bn, 0.9) <= 250, key
     assert metrics['runs']['x30']['plain']['test_accuracy'] < 0.2
     assert lr_robustness.steps_to(metrics['runs']['x30']['plain'], 0.9) is None

@@ -360,14 +360,16 @@ def test_layer_norm_at_float32_extremes_and_its_gradient():
     np.testing.assert_allclose(rms, np_standardize(x, -1, epsilon=1e-6, center=False),
                                rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(layer[0], layer[1], rtol=1e-6)
-    # Above 2**60 the rows are scaled: the gradient there is the unscaled one over 1e18.
+    # A row whose sums overflow is taken again scaled; one at 1e18 is not, and its
+    # gradient is the unscaled row's over 1e18.
     grad = jax.grad(lambda v: (nl.layer_norm(v) ** 3).sum())
     scaled, ref = jax.jit(lambda a, b: (grad(a), grad(b)))(x[1:] * np.float32(1e18), x[1:])
     np.testing.assert_allclose(scaled * 1e18, ref, rtol=1e-5)
 
 
 def test_scaling_is_exact_across_the_threshold():
-    """A power-of-two multiple normalizes to the same output on either side of 2**60."""
+    """A power-of-two multiple normalizes to the same output whether its sums
+    overflow (and it is taken again scaled) or not."""
     x = jnp.asarray(RNG.standard_normal((8, 32)), jnp.float32) * 2.0 ** 58
     normalize = jax.jit(lambda x: nl.layer_norm(x, epsilon=1e-30))
     outputs = [np.asarray(normalize(x * 2.0 ** k)) for k in range(5)]
