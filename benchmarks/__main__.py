@@ -187,7 +187,10 @@ def main(argv=None) -> int:
     scale = json.loads(scale_json.read_text()) if scale_json.exists() else None
     efficient_md = args.out / 'memory_efficient.md'  # from python -m benchmarks.memory_efficient
     efficient = efficient_md.read_text() if efficient_md.exists() else ''
-    (args.out / 'RESULTS.md').write_text(_report.markdown(results, gpu, notes, scale, efficient))
+    bound_md = args.out / 'bound.md'  # from python -m benchmarks.bound
+    reach = bound_md.read_text() if bound_md.exists() else ''
+    (args.out / 'RESULTS.md').write_text(
+        _report.markdown(results, gpu, notes, scale, efficient, reach))
     _report.chart(results, str(args.out / 'results.png'))
     for name, value, bound, met in _report.targets(results):
         shown = '-' if value is None else f'{value:.3g}'

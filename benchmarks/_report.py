@@ -378,7 +378,7 @@ def _scale_section(scale: dict | None) -> list[str]:
 
 
 def markdown(results: dict, gpu: dict | None = None, notes: str = '',
-             scale: dict | None = None, memory_efficient: str = '') -> str:
+             scale: dict | None = None, memory_efficient: str = '', reach: str = '') -> str:
     m, v = results['machine'], results['versions']
     out = ['# normlib benchmarks', '']
     if results.get('smoke'):
@@ -421,6 +421,8 @@ def markdown(results: dict, gpu: dict | None = None, notes: str = '',
             ' "within one read of floor?": at most one array read beyond it.', '']
     out += _profile_table(results)
     out += ['', WHY_NOT_THE_FLOOR]
+    if reach:  # bound.md, its title one level down
+        out += ['', '#' + reach.strip()]
     memory = results.get('memory')
     if memory:
         out += ['', '## Training-step memory', '',

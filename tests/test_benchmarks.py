@@ -231,3 +231,54 @@ def test_compare_reads_each_run_as_its_own_ratios():
     row = compare.table(before, after)[2]
     assert row == ('| layer_norm fwd+bwd 8x8 float32 | 0.50 (0.50-0.60) | 1.00 (0.80-1.00) |'
                    ' 1.50 (1.00-1.50) | 2.00 (2.00-3.00) | 0.50 (0.50-0.75) |')
+
+
+@pytest.mark.parametrize('op', ['batch_norm', 'layer_norm', 'rms_norm'])
+def test_fewest_passes_program_has_the_textbook_gradients(op):
+    """The bound's reference program is the normalizer it stands for: its
+    hand-written backward equals autodiff of the plain formula."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import bound
+    rng = np.random.default_rng(0)
+    shape = (6, 3, 3, 4) if op == 'batch_norm' else (12, 8)
+    x, dy = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    params = (jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), jnp.float32),
+              jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32))
+    axes = tuple(range(x.ndim - 1)) if op == 'batch_norm' else (x.ndim - 1,)
+
+    def plain(x, scale, bias):
+        mean = jnp.mean(x, axes, keepdims=True) if op != 'rms_norm' else 0.0
+        var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+        y = (x - mean) / jnp.sqrt(var + bound.EPSILON) * scale
+        return y if op == 'rms_norm' else y + bias
+
+    got_y, got_vjp = jax.vjp(bound.fewest_passes(op), x, *params)
+    want_y, want_vjp = jax.vjp(plain, x, *params)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(got_vjp(dy), want_vjp(dy)):
+        if got is not None:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bound_smoke_run_writes_its_table(tmp_path):
+    from benchmarks import bound
+    assert bound.main(['--smoke', '--out', str(tmp_path)]) == 0
+    results = json.loads((tmp_path / 'bound.json').read_text())
+    assert {row['op'] for row in results['cases']} == {'batch_norm', 'layer_norm', 'rms_norm'}
+    for row in results['cases']:
+        t = row['times_s']
+        assert row['pass_bound_s'] == pytest.approx(
+            t['outputs only'] + bound.FEWEST_SUMS[row['op']] * t['one sum'])
+    table = (tmp_path / 'bound.md').read_text()
+    assert '| pass bound |' in table and 'Smoke run' in table
+    assert 'x torch' in table and 'x flax' in table
+
+
+def test_report_takes_the_bound_section():
+    from benchmarks import _report
+    results = json.loads((ROOT / 'benchmarks' / 'results.json').read_text())
+    report = _report.markdown(results, reach='# How close any program comes on this backend\n')
+    assert '\n## How close any program comes on this backend' in report
