@@ -6,6 +6,9 @@ Times every case, then writes ``results.json``, ``RESULTS.md`` and
 the recorded results). ``--gpu``
 adds the GPU section from a ``results.json`` written by a run on a GPU;
 ``--report`` rewrites the report of an earlier run without timing anything.
+The report takes ``memory_efficient.md`` and ``bound.md`` from ``--out``
+when they are there (``python -m benchmarks.memory_efficient`` and
+``python -m benchmarks.bound`` write them).
 
 ``python -m benchmarks --gpu-run [--smoke] [--out DIR] [--rounds N] [--budget S]``
 is the run for a GPU (``bash benchmarks/gpu.sh`` installs and starts it):

@@ -264,17 +264,21 @@ def test_fewest_passes_program_has_the_textbook_gradients(op):
 
 
 def test_bound_smoke_run_writes_its_table(tmp_path):
-    from benchmarks import bound
+    from benchmarks import _cases, bound
     assert bound.main(['--smoke', '--out', str(tmp_path)]) == 0
     results = json.loads((tmp_path / 'bound.json').read_text())
     assert {row['op'] for row in results['cases']} == {'batch_norm', 'layer_norm', 'rms_norm'}
     for row in results['cases']:
         t = row['times_s']
-        assert row['pass_bound_s'] == pytest.approx(
+        assert row['pass_estimate_s'] == pytest.approx(
             t['outputs only'] + bound.FEWEST_SUMS[row['op']] * t['one sum'])
     table = (tmp_path / 'bound.md').read_text()
-    assert '| pass bound |' in table and 'Smoke run' in table
-    assert 'x torch' in table and 'x flax' in table
+    assert '| pass estimate |' in table and 'Smoke run' in table
+    assert bound.verdict(0.9, 1.0, 0.8) == 'below the floor'
+    assert bound.verdict(0.5, 1.0, 0.8) == 'below the estimate'
+    assert bound.verdict(0.5, 0.7, 0.8) == 'within the estimate'
+    assert 'x flax' in table
+    assert ('x torch' in table) == _cases.available('torch')
 
 
 def test_report_takes_the_bound_section():
