@@ -30,9 +30,6 @@ and ``bound.md`` to ``--out`` (default: this folder).
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import sys
 
 import jax
@@ -40,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from benchmarks import _cases, _timing
+from benchmarks import _cases, _section, _timing
 
 EPSILON = _cases.EPSILON
 # The sums the fewest-passes program takes (one kernel each on XLA:CPU).
@@ -199,19 +196,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m benchmarks.bound')
-    parser.add_argument('--smoke', action='store_true', help='tiny inputs, two rounds')
-    parser.add_argument('--rounds', type=int, default=None)
-    parser.add_argument('--out', type=pathlib.Path, default=None)
-    args = parser.parse_args(argv)
-    out = args.out or (pathlib.Path('out/benchmarks-smoke') if args.smoke
-                       else pathlib.Path(__file__).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    results = run(args.smoke, args.rounds or (2 if args.smoke else 15))
-    (out / 'bound.json').write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (out / 'bound.md').write_text(text)
-    print(text)
+    _section.main('bound', run, markdown, argv)
     return 0
 
 

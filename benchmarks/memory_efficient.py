@@ -14,10 +14,8 @@ norm followed by a Dense layer. Writes ``memory_efficient.json`` and
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
 import pathlib
 import sys
 
@@ -28,7 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
 import normlib.linen as nl
-from benchmarks import _timing
+from benchmarks import _section, _timing
 
 
 class Block(nn.Module):
@@ -129,19 +127,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m benchmarks.memory_efficient')
-    parser.add_argument('--smoke', action='store_true')
-    parser.add_argument('--rounds', type=int, default=None)
-    parser.add_argument('--out', type=pathlib.Path, default=None)
-    args = parser.parse_args(argv)
-    out = args.out or (pathlib.Path('out/benchmarks-smoke') if args.smoke
-                       else pathlib.Path(__file__).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    results = run(args.smoke, args.rounds or (2 if args.smoke else 15))
-    (out / 'memory_efficient.json').write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (out / 'memory_efficient.md').write_text(text)
-    print(text)
+    results = _section.main('memory_efficient', run, markdown, argv)
     np.testing.assert_array_less(results['max_grad_difference_relative'], 1e-4)
     return 0
 
