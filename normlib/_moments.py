@@ -70,7 +70,7 @@ def laid_out_as(value, reference):
     no mix of shardings, and replicated running statistics meet
     feature-sharded batch statistics. The value is unchanged (``-0.0``
     becomes ``0.0``)."""
-    return value + jnp.zeros_like(reference)
+    return value + _like(jnp.zeros_like(reference), value)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -92,6 +92,15 @@ def real_dtype(dtype) -> jnp.dtype:
 def _abs2(v):
     """``|v|**2``, real; ``v * v`` for real ``v``."""
     return jnp.square(v) if not jnp.iscomplexobj(v) else jnp.square(v.real) + jnp.square(v.imag)
+
+
+def _like(r, v):
+    """The real ``r`` in ``v``'s dtype where ``v`` is complex (exact), so that
+    their arithmetic also runs under ``jax.numpy_dtype_promotion('strict')``,
+    which takes no mix of real and complex arrays; otherwise ``r`` unchanged."""
+    if jnp.iscomplexobj(v) and not jnp.iscomplexobj(r):
+        return jnp.asarray(r).astype(jnp.result_type(v))
+    return r
 
 
 def _real_product(a, b):
@@ -137,7 +146,8 @@ def _anchor(xf, axes, mask, keep, count, own):
     # compute it again, and a product there can be contracted into a fused
     # multiply-add that rounds it differently; a quotient rounds the same way
     # everywhere, so every pass takes its sums around the same anchor.
-    return anchor + _sum(keep(own - anchor), axes) / jnp.maximum(count, 1)
+    total = _sum(keep(own - anchor), axes)
+    return anchor + total / _like(jnp.maximum(count, 1), total)
 
 
 def _sample_mean(xf, axes):
@@ -229,7 +239,7 @@ def exact_quotient(a, b):
     ``b + 0 * a`` is no broadcast, and is batched as ``a`` under ``vmap``
     (a ``zeros_like(a)`` would not be); the barrier keeps XLA from seeing
     through it."""
-    return a / jax.lax.optimization_barrier(b + 0 * a)
+    return a / jax.lax.optimization_barrier(_like(b, a) + 0 * a)
 
 
 def finite_padding(v, mask, fill=0):
@@ -275,7 +285,9 @@ def _part_moments(x, axes, mask, center, scale=None, checked=False) -> Moments:
     same way, and give the same moments up to the scale's power of two.
     """
     dtype, real = compute_dtype(x.dtype), real_dtype(x.dtype)
-    widen = lambda v, s: v.astype(dtype) if scale is None else v.astype(dtype) * s
+    def widen(v, s):
+        v = v.astype(dtype)
+        return v if scale is None else v * _like(s, v)
     xf = widen(x, scale)
     if mask is None:
         # math.prod keeps a symbolic size (jax.export) symbolic.
@@ -450,9 +462,9 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     value = local.mean if center else local.var
     if masked:
         count, weighted = _sum_over_shards(
-            [local.count, value * (local.count / max(total, 1))], sync)
+            [local.count, value * _like(local.count / max(total, 1), value)], sync)
         # A quotient, as in _anchor: every pass computes the same shift.
-        merged = weighted / (jnp.maximum(count, 1) / max(total, 1))
+        merged = weighted / _like(jnp.maximum(count, 1) / max(total, 1), weighted)
         weights = local.count / jnp.maximum(count, 1)
     else:  # the same on every shard
         count = jnp.full(local.count.shape, total, local.count.dtype)
@@ -469,7 +481,7 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     # by the total's share: when every shard has the same offset (a constant
     # feature) delta is that offset exactly, and the feature normalizes to 0.
     unit = 2.0 ** math.ceil(math.log2(max(total, 1)))
-    offset_sum, second = _sum_over_shards([(local.count / unit) * offsets,
+    offset_sum, second = _sum_over_shards([_like(local.count / unit, offsets) * offsets,
                                            weights * (local.var + _abs2(offsets))], sync)
     delta = exact_quotient(offset_sum, jnp.maximum(count, 1) / unit)
     return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0))
@@ -530,7 +542,8 @@ def affine(y, scale, bias):
 def normalize(x, mean, var, scale=None, bias=None, *, epsilon):
     """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` in ``x``'s dtype."""
     dtype = compute_dtype(x.dtype)
-    y = (x.astype(dtype) - mean) * jax.lax.rsqrt(var + epsilon)
+    centered = x.astype(dtype) - mean
+    y = centered * _like(jax.lax.rsqrt(var + epsilon), centered)
     return affine(y, scale, bias).astype(x.dtype)
 
 
@@ -551,9 +564,9 @@ def _standard(x, m: Moments, inv, scale, center):
     (``inv`` None: not multiplied)."""
     x = x.astype(compute_dtype(x.dtype))
     if scale is not None:
-        x = x * scale
+        x = x * _like(scale, x)
     c = (x - m.shift) - m.delta if center else x
-    return c if inv is None else c * inv
+    return c if inv is None else c * _like(inv, c)
 
 
 class _Spec(NamedTuple):
@@ -717,7 +730,8 @@ def _statistics(spec, x, mask, fallback) -> _Statistics:
     (at ``s = 1``), or without one with ``inv = 0``.
     """
     used, s = _guarded_moments(x, spec.axes, mask, spec.center, spec.sync)
-    m = Moments(used.count, used.shift / s, used.delta / s, used.var / (s * s))
+    m = Moments(used.count, used.shift / _like(s, used.shift), used.delta / _like(s, used.delta),
+                used.var / (s * s))
     empty = m.count == 0
     if fallback is not None:  # an empty feature has s = 1
         mean, var = (laid_out_as(v, used.var) for v in fallback)
@@ -790,7 +804,7 @@ def _standardize_jvp(spec, primals, tangents):
     source = y if spec.from_output else x
     sums = group_sum(remat(_tangent_sums)(source, stats, dx=dx, mask=mask, scale=scale,
                                           bias=bias), spec.sync)
-    means = sums / jnp.maximum(stats.batch.count, 1)[None]
+    means = sums / _like(jnp.maximum(stats.batch.count, 1), sums)[None]
     dy, dm = remat(_tangent)(source, stats, means, scale=scale, bias=bias, mask=mask, dx=dx,
                              dscale=dscale, dbias=dbias)
     return (y, stats.batch), (dy, dm)
@@ -823,7 +837,7 @@ def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask, scale, bias):
     if mask is not None:
         c, dxf = jnp.where(mask, c, 0), jnp.where(mask, dxf, 0)
     product = _sum(_real_product(c, dxf), spec.axes)
-    sums = [product if k is None else k * product]
+    sums = [_like(product if k is None else k * product, dxf)]
     if spec.center:
         sums.append(_sum(dxf, spec.axes))
     return jnp.stack(sums)
@@ -861,14 +875,17 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
     c = finite_padding(c, mask)
     m = stats.batch
     local = _varying_like(means, x)  # what meets x: per shard, cast once
-    inv = stats.inv * stats.s  # per unit of x
     dxf = dx.astype(compute_dtype(x.dtype))
+    # Real factors meet complex data in the data's dtype (strict promotion).
+    inv = _like(stats.inv * stats.s, dxf)  # per unit of x
+    k = None if k is None else _like(k, dxf)
+    correlation = _like(local[0].real, dxf)  # the mean of Re(conj(x_hat) * dx)
     if scale is None or all(d == 1 for d in _dims_over(scale, x.ndim, spec.axes)):
         # scale is constant over the reduced axes (batch norm): it multiplies
         # the per-statistic factors, so dscale and the mean of x_hat * dx,
         # transposed, are one sum.
         factor = inv if scale is None else inv * scale
-        slope = -factor * local[0].real if dscale is None else dscale - factor * local[0].real
+        slope = -factor * correlation if dscale is None else dscale - factor * correlation
         # x_hat = c * k: transposed, sum(g * x_hat) is k * sum(g * c).
         dy = factor * dxf + c * (slope if k is None else k * slope)
         if spec.center or dbias is not None:
@@ -889,7 +906,7 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
         dy = inv * scaled(dxf, _schedule.Pass.TANGENT)
         if spec.center:
             dy = dy + scaled(-(inv * local[1]), _schedule.Pass.TANGENT_SUMS)
-        dy = dy + scaled(xhat, _schedule.Pass.TANGENT_SCALE) * -(inv * local[0].real)
+        dy = dy + scaled(xhat, _schedule.Pass.TANGENT_SCALE) * -(inv * correlation)
         if dscale is not None:
             own = _recovered(spec, x, stats, _schedule.Pass.TANGENT_SCALE, scale=scale,
                              bias=bias)

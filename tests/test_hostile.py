@@ -438,9 +438,9 @@ def test_instance_norm_batch_axis_message_matches_flax():
             module.init(jax.random.key(1), jnp.ones((2, 3, 4, 5)))
 
 
-def _strict_cases():
+def _strict_cases(dtype='float32'):
     """Every public normalizer as ``f(x, scale, bias, axis_name)``: x is (8, 6)."""
-    state = nl.init_batch_norm(6)
+    state = nl.init_batch_norm(6, dtype=jnp.complex64 if dtype == 'complex64' else jnp.float32)
     bn = dict(training=True, momentum=0.9)
     return {
         'batch_norm': lambda x, s, b, n: nl.batch_norm(x, state, s, b, axis_name=n, **bn),
@@ -462,18 +462,30 @@ def _strict_cases():
     }
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+# These refuse complex input with a clear error (real statistics, or a real
+# renormalization and norm).
+_REAL_ONLY = {'lp_batch_norm', 'l1_batch_norm', 'batch_renorm', 'l2_normalize'}
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'complex64'])
 def test_strict_rank_and_dtype_promotion(dtype):
     # As Equinox's test setup and many codebases run: no implicit broadcasting
-    # of ranks, no implicit mixing of dtypes (a bfloat16 x with bfloat16 scale).
+    # of ranks, no implicit mixing of dtypes (a bfloat16 x with bfloat16 scale,
+    # complex x with real counts and variances inside).
     rng = np.random.default_rng(30)
-    x = jnp.asarray(rng.standard_normal((4, 8, 6)) + 3, dtype)
+    x = rng.standard_normal((4, 8, 6)) + 3
+    if dtype == 'complex64':
+        x = x + 1j * rng.standard_normal((4, 8, 6))
+    x = jnp.asarray(x, dtype)
     scale, bias = jnp.asarray(rng.random(6) + 0.5, dtype), jnp.asarray(rng.random(6), dtype)
     report = []
     with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
-        for name, f in _strict_cases().items():
+        for name, f in _strict_cases(dtype).items():
+            if dtype == 'complex64' and name in _REAL_ONLY:
+                continue
+
             def out(x, n=None, f=f):
-                return jax.tree.leaves(f(x, scale, bias, n))[0].astype(jnp.float32)
+                return jnp.real(jax.tree.leaves(f(x, scale, bias, n))[0]).astype(jnp.float32)
             try:  # promotion is checked while tracing: nothing needs to run
                 jax.eval_shape(jax.grad(lambda x: jnp.sum(jnp.sin(out(x)))), x[0])
                 jax.eval_shape(jax.vmap(jax.grad(lambda v: jnp.sum(jnp.sin(out(v, 'i')))),
