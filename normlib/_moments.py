@@ -560,13 +560,12 @@ def standardize_with(x, m: Moments, *, epsilon):
 
 
 def _standard(x, m: Moments, inv, scale, center):
-    """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``
-    (``inv`` None: not multiplied)."""
+    """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``."""
     x = x.astype(compute_dtype(x.dtype))
     if scale is not None:
         x = x * _like(scale, x)
     c = (x - m.shift) - m.delta if center else x
-    return c if inv is None else c * _like(inv, c)
+    return c * _like(inv, c)
 
 
 class _Spec(NamedTuple):
@@ -751,18 +750,6 @@ def _x_hat(spec, x, stats: _Statistics, step: _schedule.Pass):
     return _standard(x, used, inv, s, spec.center)
 
 
-def _x_hat_factors(spec, source, stats: _Statistics, step: _schedule.Pass, *, scale, bias):
-    """``(c, k)`` with ``x_hat = c * k`` and ``k`` per feature (kept dims), or
-    None for 1: a sum of ``x_hat * v`` over the reduced axes is then
-    ``k * sum(c * v)``, one product per entry fewer. ``c`` is ``x`` centered
-    (``(x * s - shift) - delta``) or, with ``spec.from_output``, ``x_hat``
-    recovered from ``y``."""
-    if spec.from_output:
-        return _recovered(spec, source, stats, step, scale=scale, bias=bias), None
-    x, used, s = _schedule.private((source, stats.used, stats.s), step)
-    return _standard(x, used, None, s, spec.center), stats.inv
-
-
 def _recovered(spec, source, stats: _Statistics, step: _schedule.Pass, *, scale, bias):
     """``x_hat`` in the compute dtype, in pass ``step``: from ``x`` (``source``),
     or with ``spec.from_output`` from the output ``y = x_hat * scale + bias``
@@ -833,11 +820,10 @@ def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask, scale, bias):
     """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries
     (``x`` is the output ``y`` with ``spec.from_output``: see :func:`_recovered`)."""
     dxf = dx.astype(compute_dtype(x.dtype))
-    c, k = _x_hat_factors(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
+    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
     if mask is not None:
-        c, dxf = jnp.where(mask, c, 0), jnp.where(mask, dxf, 0)
-    product = _sum(_real_product(c, dxf), spec.axes)
-    sums = [_like(product if k is None else k * product, dxf)]
+        xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
+    sums = [_like(_sum(_real_product(xhat, dxf), spec.axes), dxf)]
     if spec.center:
         sums.append(_sum(dxf, spec.axes))
     return jnp.stack(sums)
@@ -871,14 +857,13 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
     """
     # Masked padding may hold NaN or inf: with no cotangent there, it must
     # not reach the sums of the reverse pass.
-    c, k = _x_hat_factors(spec, x, stats, _schedule.Pass.TANGENT, scale=scale, bias=bias)
-    c = finite_padding(c, mask)
+    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT, scale=scale, bias=bias)
+    xhat = finite_padding(xhat, mask)
     m = stats.batch
     local = _varying_like(means, x)  # what meets x: per shard, cast once
     dxf = dx.astype(compute_dtype(x.dtype))
     # Real factors meet complex data in the data's dtype (strict promotion).
     inv = _like(stats.inv * stats.s, dxf)  # per unit of x
-    k = None if k is None else _like(k, dxf)
     correlation = _like(local[0].real, dxf)  # the mean of Re(conj(x_hat) * dx)
     if scale is None or all(d == 1 for d in _dims_over(scale, x.ndim, spec.axes)):
         # scale is constant over the reduced axes (batch norm): it multiplies
@@ -886,8 +871,7 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
         # transposed, are one sum.
         factor = inv if scale is None else inv * scale
         slope = -factor * correlation if dscale is None else dscale - factor * correlation
-        # x_hat = c * k: transposed, sum(g * x_hat) is k * sum(g * c).
-        dy = factor * dxf + c * (slope if k is None else k * slope)
+        dy = factor * dxf + xhat * slope
         if spec.center or dbias is not None:
             offset = 0 if dbias is None else dbias
             dy = dy + (offset - factor * local[1] if spec.center else offset)
@@ -899,8 +883,6 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
         # is formed; terms are added with negated factors, not subtracted (a
         # negated cotangent would be shared); each term takes its own copy of
         # scale, and the dscale term its own x_hat.
-        xhat = c if k is None else c * k
-
         def scaled(v, tag):
             return v * _schedule.private(scale, tag)
         dy = inv * scaled(dxf, _schedule.Pass.TANGENT)
