@@ -290,12 +290,12 @@ def _chunk_average(chunks: _moments.Moments, sync, unbiased) -> _moments.Moments
     count, mean, var = chunks.count, chunks.mean, chunks.var
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
-    used = (count > 0).astype(mean.dtype)
     # In mean's dtype, so a complex mean stacks with the real count and variance.
-    totals = jnp.stack([jnp.sum(used * m.astype(mean.dtype), axis=0) for m in (used, mean, var)])
+    used = _moments.like((count > 0).astype(count.dtype), mean)
+    totals = jnp.stack([jnp.sum(used * _moments.like(m, mean), axis=0) for m in (used, mean, var)])
     totals = _moments.group_sum(totals, sync)
     chunks = jnp.maximum(totals[0].real, 1)
-    mean = totals[1] / chunks.astype(mean.dtype)
+    mean = totals[1] / _moments.like(chunks, mean)
     return _moments.Moments(totals[0].real, mean, jnp.zeros_like(mean), totals[2].real / chunks)
 
 

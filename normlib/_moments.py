@@ -70,7 +70,7 @@ def laid_out_as(value, reference):
     no mix of shardings, and replicated running statistics meet
     feature-sharded batch statistics. The value is unchanged (``-0.0``
     becomes ``0.0``)."""
-    return value + _like(jnp.zeros_like(reference), value)
+    return value + like(jnp.zeros_like(reference), value)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -94,7 +94,7 @@ def _abs2(v):
     return jnp.square(v) if not jnp.iscomplexobj(v) else jnp.square(v.real) + jnp.square(v.imag)
 
 
-def _like(r, v):
+def like(r, v):
     """The real ``r`` in ``v``'s dtype where ``v`` is complex (exact), so that
     their arithmetic also runs under ``jax.numpy_dtype_promotion('strict')``,
     which takes no mix of real and complex arrays; otherwise ``r`` unchanged."""
@@ -147,7 +147,7 @@ def _anchor(xf, axes, mask, keep, count, own):
     # multiply-add that rounds it differently; a quotient rounds the same way
     # everywhere, so every pass takes its sums around the same anchor.
     total = _sum(keep(own - anchor), axes)
-    return anchor + total / _like(jnp.maximum(count, 1), total)
+    return anchor + total / like(jnp.maximum(count, 1), total)
 
 
 def _sample_mean(xf, axes):
@@ -239,7 +239,7 @@ def exact_quotient(a, b):
     ``b + 0 * a`` is no broadcast, and is batched as ``a`` under ``vmap``
     (a ``zeros_like(a)`` would not be); the barrier keeps XLA from seeing
     through it."""
-    return a / jax.lax.optimization_barrier(_like(b, a) + 0 * a)
+    return a / jax.lax.optimization_barrier(like(b, a) + 0 * a)
 
 
 def finite_padding(v, mask, fill=0):
@@ -287,7 +287,7 @@ def _part_moments(x, axes, mask, center, scale=None, checked=False) -> Moments:
     dtype, real = compute_dtype(x.dtype), real_dtype(x.dtype)
     def widen(v, s):
         v = v.astype(dtype)
-        return v if scale is None else v * _like(s, v)
+        return v if scale is None else v * like(s, v)
     xf = widen(x, scale)
     if mask is None:
         # math.prod keeps a symbolic size (jax.export) symbolic.
@@ -462,9 +462,9 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     value = local.mean if center else local.var
     if masked:
         count, weighted = _sum_over_shards(
-            [local.count, value * _like(local.count / max(total, 1), value)], sync)
+            [local.count, value * like(local.count / max(total, 1), value)], sync)
         # A quotient, as in _anchor: every pass computes the same shift.
-        merged = weighted / _like(jnp.maximum(count, 1) / max(total, 1), weighted)
+        merged = weighted / like(jnp.maximum(count, 1) / max(total, 1), weighted)
         weights = local.count / jnp.maximum(count, 1)
     else:  # the same on every shard
         count = jnp.full(local.count.shape, total, local.count.dtype)
@@ -481,7 +481,7 @@ def _merge_shards(local: Moments, entries: int, masked: bool, center: bool,
     # by the total's share: when every shard has the same offset (a constant
     # feature) delta is that offset exactly, and the feature normalizes to 0.
     unit = 2.0 ** math.ceil(math.log2(max(total, 1)))
-    offset_sum, second = _sum_over_shards([_like(local.count / unit, offsets) * offsets,
+    offset_sum, second = _sum_over_shards([like(local.count / unit, offsets) * offsets,
                                            weights * (local.var + _abs2(offsets))], sync)
     delta = exact_quotient(offset_sum, jnp.maximum(count, 1) / unit)
     return Moments(count, shift, delta, jnp.maximum(second - _abs2(delta), 0))
@@ -543,7 +543,7 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon):
     """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` in ``x``'s dtype."""
     dtype = compute_dtype(x.dtype)
     centered = x.astype(dtype) - mean
-    y = centered * _like(jax.lax.rsqrt(var + epsilon), centered)
+    y = centered * like(jax.lax.rsqrt(var + epsilon), centered)
     return affine(y, scale, bias).astype(x.dtype)
 
 
@@ -563,9 +563,9 @@ def _standard(x, m: Moments, inv, scale, center):
     """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``."""
     x = x.astype(compute_dtype(x.dtype))
     if scale is not None:
-        x = x * _like(scale, x)
+        x = x * like(scale, x)
     c = (x - m.shift) - m.delta if center else x
-    return c * _like(inv, c)
+    return c * like(inv, c)
 
 
 class _Spec(NamedTuple):
@@ -729,7 +729,7 @@ def _statistics(spec, x, mask, fallback) -> _Statistics:
     (at ``s = 1``), or without one with ``inv = 0``.
     """
     used, s = _guarded_moments(x, spec.axes, mask, spec.center, spec.sync)
-    m = Moments(used.count, used.shift / _like(s, used.shift), used.delta / _like(s, used.delta),
+    m = Moments(used.count, used.shift / like(s, used.shift), used.delta / like(s, used.delta),
                 used.var / (s * s))
     empty = m.count == 0
     if fallback is not None:  # an empty feature has s = 1
@@ -791,7 +791,7 @@ def _standardize_jvp(spec, primals, tangents):
     source = y if spec.from_output else x
     sums = group_sum(remat(_tangent_sums)(source, stats, dx=dx, mask=mask, scale=scale,
                                           bias=bias), spec.sync)
-    means = sums / _like(jnp.maximum(stats.batch.count, 1), sums)[None]
+    means = sums / like(jnp.maximum(stats.batch.count, 1), sums)[None]
     dy, dm = remat(_tangent)(source, stats, means, scale=scale, bias=bias, mask=mask, dx=dx,
                              dscale=dscale, dbias=dbias)
     return (y, stats.batch), (dy, dm)
@@ -823,7 +823,7 @@ def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask, scale, bias):
     xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
     if mask is not None:
         xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
-    sums = [_like(_sum(_real_product(xhat, dxf), spec.axes), dxf)]
+    sums = [like(_sum(_real_product(xhat, dxf), spec.axes), dxf)]
     if spec.center:
         sums.append(_sum(dxf, spec.axes))
     return jnp.stack(sums)
@@ -863,8 +863,8 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
     local = _varying_like(means, x)  # what meets x: per shard, cast once
     dxf = dx.astype(compute_dtype(x.dtype))
     # Real factors meet complex data in the data's dtype (strict promotion).
-    inv = _like(stats.inv * stats.s, dxf)  # per unit of x
-    correlation = _like(local[0].real, dxf)  # the mean of Re(conj(x_hat) * dx)
+    inv = like(stats.inv * stats.s, dxf)  # per unit of x
+    correlation = like(local[0].real, dxf)  # the mean of Re(conj(x_hat) * dx)
     if scale is None or all(d == 1 for d in _dims_over(scale, x.ndim, spec.axes)):
         # scale is constant over the reduced axes (batch norm): it multiplies
         # the per-statistic factors, so dscale and the mean of x_hat * dx,
