@@ -284,10 +284,15 @@ def test_shape_mismatch_is_a_clear_error():
         neqx.LayerNorm(4)(jnp.ones((2, 4)))
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('param_dtype', [None, jnp.bfloat16])
+@pytest.mark.parametrize('dtype, param_dtype', [
+    (jnp.float32, None), (jnp.float32, jnp.bfloat16), (jnp.bfloat16, None),
+    (jnp.bfloat16, jnp.bfloat16), (jnp.complex64, jnp.complex64)])
 def test_modules_under_strict_promotion(dtype, param_dtype):
-    x = jnp.asarray(np.random.default_rng(33).standard_normal((8, 6)) + 3, dtype)
+    rng = np.random.default_rng(33)
+    x = rng.standard_normal((8, 6)) + 3
+    if dtype == jnp.complex64:
+        x = x + 1j * rng.standard_normal((8, 6))
+    x = jnp.asarray(x, dtype)
     with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
         bn, state = eqx.nn.make_with_state(neqx.BatchNorm)(6, axis_name='i', dtype=param_dtype)
         # Promotion is checked while tracing: nothing needs to run.

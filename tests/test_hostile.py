@@ -495,9 +495,13 @@ def test_strict_rank_and_dtype_promotion(dtype):
     assert not report, '\n'.join(report)
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'complex64'])
 def test_flax_modules_under_strict_promotion(dtype):
-    x = jnp.asarray(np.random.default_rng(31).standard_normal((4, 8, 6)) + 3, dtype)
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((4, 8, 6)) + 3
+    if dtype == 'complex64':  # complex parameters too, as Flax's modules take them
+        x = x + 1j * rng.standard_normal((4, 8, 6))
+    x = jnp.asarray(x, dtype)
     kw = dict(dtype=dtype, param_dtype=dtype)
     report = []
     with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
