@@ -560,12 +560,13 @@ def standardize_with(x, m: Moments, *, epsilon):
 
 
 def _standard(x, m: Moments, inv, scale, center):
-    """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``."""
+    """``(x * scale - mean) * inv`` in the compute dtype, the mean as ``shift + delta``
+    (``inv`` None: not multiplied)."""
     x = x.astype(compute_dtype(x.dtype))
     if scale is not None:
         x = x * like(scale, x)
     c = (x - m.shift) - m.delta if center else x
-    return c * like(inv, c)
+    return c if inv is None else c * like(inv, c)
 
 
 class _Spec(NamedTuple):
@@ -750,6 +751,18 @@ def _x_hat(spec, x, stats: _Statistics, step: _schedule.Pass):
     return _standard(x, used, inv, s, spec.center)
 
 
+def _x_hat_factors(spec, source, stats: _Statistics, step: _schedule.Pass, *, scale, bias):
+    """``(c, k)`` with ``x_hat = c * k`` and ``k`` per feature (kept dims), or
+    None for 1: a sum of ``x_hat * v`` over the reduced axes is then
+    ``k * sum(c * v)``, one product per entry fewer. ``c`` is ``x`` centered
+    (``(x * s - shift) - delta``) or, with ``spec.from_output``, ``x_hat``
+    recovered from ``y``."""
+    if spec.from_output:
+        return _recovered(spec, source, stats, step, scale=scale, bias=bias), None
+    x, used, s = _schedule.private((source, stats.used, stats.s), step)
+    return _standard(x, used, None, s, spec.center), stats.inv
+
+
 def _recovered(spec, source, stats: _Statistics, step: _schedule.Pass, *, scale, bias):
     """``x_hat`` in the compute dtype, in pass ``step``: from ``x`` (``source``),
     or with ``spec.from_output`` from the output ``y = x_hat * scale + bias``
@@ -820,10 +833,11 @@ def _tangent_sums(spec, x, stats: _Statistics, *, dx, mask, scale, bias):
     """This shard's ``[sum(Re(conj(x_hat) * dx)), sum(dx)]`` over the valid entries
     (``x`` is the output ``y`` with ``spec.from_output``: see :func:`_recovered`)."""
     dxf = dx.astype(compute_dtype(x.dtype))
-    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
+    c, k = _x_hat_factors(spec, x, stats, _schedule.Pass.TANGENT_SUMS, scale=scale, bias=bias)
     if mask is not None:
-        xhat, dxf = jnp.where(mask, xhat, 0), jnp.where(mask, dxf, 0)
-    sums = [like(_sum(_real_product(xhat, dxf), spec.axes), dxf)]
+        c, dxf = jnp.where(mask, c, 0), jnp.where(mask, dxf, 0)
+    product = _sum(_real_product(c, dxf), spec.axes)
+    sums = [like(product if k is None else k * product, dxf)]
     if spec.center:
         sums.append(_sum(dxf, spec.axes))
     return jnp.stack(sums)
@@ -857,13 +871,14 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
     """
     # Masked padding may hold NaN or inf: with no cotangent there, it must
     # not reach the sums of the reverse pass.
-    xhat = _recovered(spec, x, stats, _schedule.Pass.TANGENT, scale=scale, bias=bias)
-    xhat = finite_padding(xhat, mask)
+    c, k = _x_hat_factors(spec, x, stats, _schedule.Pass.TANGENT, scale=scale, bias=bias)
+    c = finite_padding(c, mask)
     m = stats.batch
     local = _varying_like(means, x)  # what meets x: per shard, cast once
     dxf = dx.astype(compute_dtype(x.dtype))
     # Real factors meet complex data in the data's dtype (strict promotion).
     inv = like(stats.inv * stats.s, dxf)  # per unit of x
+    k = None if k is None else like(k, dxf)
     correlation = like(local[0].real, dxf)  # the mean of Re(conj(x_hat) * dx)
     if scale is None or all(d == 1 for d in _dims_over(scale, x.ndim, spec.axes)):
         # scale is constant over the reduced axes (batch norm): it multiplies
@@ -871,7 +886,8 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
         # transposed, are one sum.
         factor = inv if scale is None else inv * scale
         slope = -factor * correlation if dscale is None else dscale - factor * correlation
-        dy = factor * dxf + xhat * slope
+        # x_hat = c * k: transposed, sum(g * x_hat) is k * sum(g * c).
+        dy = factor * dxf + c * (slope if k is None else k * slope)
         if spec.center or dbias is not None:
             offset = 0 if dbias is None else dbias
             dy = dy + (offset - factor * local[1] if spec.center else offset)
@@ -883,6 +899,8 @@ def _tangent(spec, x, stats: _Statistics, means, *, scale, bias, mask, dx, dscal
         # is formed; terms are added with negated factors, not subtracted (a
         # negated cotangent would be shared); each term takes its own copy of
         # scale, and the dscale term its own x_hat.
+        xhat = c if k is None else c * k
+
         def scaled(v, tag):
             return v * _schedule.private(scale, tag)
         dy = inv * scaled(dxf, _schedule.Pass.TANGENT)
